@@ -1,0 +1,53 @@
+# webdistill — `make all` runs the whole demo, `make test` the test suite. `make help` lists targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.webdistill-installed
+CONFIG ?= configs/demo.yaml
+RUN_DIR ?= runs/demo
+# `python -m pipeline` runs the code of this checkout (not another editable install)
+WD := $(PY) -m pipeline
+
+# No hub or update checks at run time: everything loads from local files.
+export HF_HUB_OFFLINE := 1
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+
+STAGES := crawl score filter perturb distill evaluate report
+
+.PHONY: help setup demo-data all test bench status clean $(STAGES)
+
+help:  ## list the targets
+	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
+	  awk -F'\t' '{printf "  %-24s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install webdistill (idempotent: a stamp file skips it next time)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip check
+	touch $@
+
+demo-data: setup  ## build the demo: private MNIST split, 10k-image web pool, URL list
+	$(WD) demo-data $(CONFIG)
+
+all: demo-data  ## set up, build the demo, run every stage of the pipeline, print the status
+	$(WD) run $(CONFIG)
+
+crawl score filter perturb distill evaluate report: setup  ## re-run one stage (add FORCE=1 to re-run a done one)
+	$(WD) $@ $(if $(wildcard $(RUN_DIR)/config.yaml),$(RUN_DIR),$(CONFIG)) $(if $(FORCE),--force)
+
+status: setup  ## show which stages of runs/demo are done, stale or missing
+	$(WD) status $(RUN_DIR)
+
+test: setup  ## run the test suite
+	$(PY) -m pytest -q
+
+bench: demo-data  ## benchmarks: crawl stage vs raw img2dataset on the demo URL list
+	$(PY) bench/bench_crawl.py --config $(CONFIG)
+
+clean:  ## remove run outputs and demo data (keeps .venv)
+	rm -rf runs demo_data bench/work

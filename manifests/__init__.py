@@ -1,0 +1,20 @@
+"""Contracts between stages: parquet schemas, the uid rule, and validated readers/writers.
+
+Stages exchange only WebDataset shards, parquet manifests keyed by ``uid`` and row-aligned
+``.npy`` arrays. Everything that crosses a stage boundary is described here.
+"""
+
+from manifests.io import ManifestError, atomic_write_json, read_manifest, write_manifest
+from manifests.schemas import CRAWL, SCHEMAS, ManifestSchema
+from manifests.uid import uid_for
+
+__all__ = [
+    "CRAWL",
+    "SCHEMAS",
+    "ManifestError",
+    "ManifestSchema",
+    "atomic_write_json",
+    "read_manifest",
+    "uid_for",
+    "write_manifest",
+]

@@ -1,0 +1,108 @@
+"""Read, write and validate manifests; atomic file writes.
+
+Every write goes to a temporary file in the same folder and is renamed into place, so a reader
+never sees half a file: a stage killed while writing leaves either the old file or none.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from manifests.schemas import ManifestSchema
+from pipeline.errors import UserError
+
+_META_KEY = b"webdistill.manifest"
+
+
+class ManifestError(UserError):
+    """A manifest file that is missing, truncated, or does not follow its schema."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def _to_table(df: pd.DataFrame | pa.Table, spec: ManifestSchema, where: str) -> pa.Table:
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    missing = [n for n in spec.schema.names if n not in table.column_names]
+    if missing:
+        raise ManifestError(f"{where}: {spec.name} manifest lacks column(s) {missing}")
+    table = table.select(spec.schema.names)
+    try:
+        table = table.cast(spec.schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+        raise ManifestError(f"{where}: {spec.name} manifest has a column of the wrong type: {e}") from e
+    for name in spec.required:
+        if table[name].null_count:
+            raise ManifestError(f"{where}: column {name!r} of the {spec.name} manifest has empty values")
+    keys = table[spec.key].to_pandas()
+    if keys.duplicated().any():
+        dup = keys[keys.duplicated()].iloc[0]
+        raise ManifestError(f"{where}: {spec.key} {dup!r} appears more than once in the {spec.name} manifest")
+    return table
+
+
+def write_manifest(df: pd.DataFrame | pa.Table, path: Path, spec: ManifestSchema) -> Path:
+    """Validate ``df`` against ``spec`` and write it as parquet, atomically."""
+    path = Path(path)
+    table = _to_table(df, spec, str(path))
+    meta = dict(table.schema.metadata or {})
+    meta[_META_KEY] = json.dumps({"name": spec.name, "version": spec.version}).encode()
+    table = table.replace_schema_metadata(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(path: Path, spec: ManifestSchema, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a manifest, checking it is complete parquet of the expected kind and schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: {spec.name} manifest not found (has the {spec.name} stage run?)")
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ManifestError(
+            f"{path}: not a complete parquet file ({e}); re-run the {spec.name} stage with --force"
+        ) from e
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ManifestError(f"{path}: not a webdistill manifest (no schema metadata)")
+    meta = json.loads(raw)
+    if meta.get("name") != spec.name:
+        raise ManifestError(f"{path}: is a {meta.get('name')} manifest, expected a {spec.name} manifest")
+    if meta.get("version") != spec.version:
+        raise ManifestError(
+            f"{path}: {spec.name} manifest version {meta.get('version')}, this webdistill reads "
+            f"version {spec.version}; re-run the {spec.name} stage with --force"
+        )
+    if columns is None:
+        _to_table(table, spec, str(path))
+    return table.to_pandas()

@@ -1,0 +1,122 @@
+"""The ``webdistill`` command: a thin click layer over the importable pipeline."""
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import commented_defaults, load_config
+from pipeline.errors import UserError
+from stages import STAGES
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+_SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                    help="Override a config value, e.g. --set crawl.processes_count=4 (repeatable).")
+
+
+def _load(target: str | None, overrides) -> "Config":  # noqa: F821
+    """A config from a YAML file, or the resolved config of a run directory."""
+    path = Path(target or DEFAULT_CONFIG)
+    if path.is_dir():
+        path = path / "config.yaml"
+        if not path.is_file():
+            raise UserError(f"{path.parent} is not a run directory (no config.yaml): give a config file "
+                            "or run `webdistill run CONFIG` first")
+    return load_config(path, overrides)
+
+
+class _Group(click.Group):
+    """Prints user errors as one line (no traceback) and exits with status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def cli(quiet):
+    """webdistill: distil a teacher into a small student using only web images.
+
+    Stages run in order: crawl → score → filter → perturb → distill → evaluate → report.
+    Each writes one folder of the run directory and a completion record; a stage whose
+    record matches its config and inputs is skipped, a changed one is re-run.
+
+    TARGET is a config file (YAML) or a run directory made by an earlier run.
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+@cli.command("run")
+@click.argument("target", required=False)
+@click.option("--only", help="Comma-separated stages to run (default: all that are built).")
+@click.option("--force", is_flag=True, help="Re-run the selected stages even if they are up to date.")
+@_SET
+def run_cmd(target, only, force, overrides):
+    """Run the pipeline for TARGET (default: configs/demo.yaml)."""
+    from pipeline.runner import format_status, run_stages
+
+    cfg = _load(target, overrides)
+    run = run_stages(cfg, STAGES, only=only.split(",") if only else None, force=force)
+    click.echo(format_status(cfg, run, STAGES))
+
+
+def _stage_command(spec):
+    @click.argument("target", required=False)
+    @click.option("--force", is_flag=True, help="Re-run from scratch even if up to date; later stages become stale.")
+    @_SET
+    def command(target, force, overrides):
+        from pipeline.runner import run_stages
+
+        if spec.module is None:
+            raise UserError(f"the {spec.name} stage is not built yet in this version of webdistill")
+        run_stages(_load(target, overrides), STAGES, only=[spec.name], force=force)
+
+    command.__doc__ = f"Run the {spec.name} stage only: {spec.summary}."
+    return cli.command(spec.name)(command)
+
+
+for _spec in STAGES:
+    _stage_command(_spec)
+
+
+@cli.command()
+@click.argument("target", required=False)
+@_SET
+def status(target, overrides):
+    """Show each stage of a run as done / stale / missing, with its counts."""
+    from pipeline.runner import RunDir, format_status
+
+    cfg = _load(target, overrides)
+    click.echo(format_status(cfg, RunDir(cfg.run_dir), STAGES))
+
+
+@cli.command("demo-data")
+@click.argument("target", required=False)
+@click.option("--force", is_flag=True, help="Rebuild even if already built.")
+@_SET
+def demo_data(target, force, overrides):
+    """Build the embedded demo: private MNIST split, web pool, URL list."""
+    from pipeline.demo import build_demo
+
+    build_demo(_load(target, overrides), force=force)
+
+
+@cli.command()
+def defaults():
+    """Print the default config, every key with its help text."""
+    click.echo(commented_defaults())
+
+
+def main():
+    cli(prog_name="webdistill")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The stage runner: runs stages in order, skips what is done, re-runs what is stale.
+
+A stage is *done* when its completion record matches the current config (fingerprint of the
+config sections it reads) and the outputs of its upstream stages (their ``run_id``). Re-running
+a stage gives it a new ``run_id``, which makes every later stage stale by itself.
+"""
+
+import importlib
+import logging
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from manifests.io import atomic_write_bytes
+from pipeline import __version__
+from pipeline.config import Config, dump_yaml, fingerprint
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+
+log = logging.getLogger("webdistill")
+
+_VERSIONED = ("img2dataset", "webdataset", "pyarrow", "pandas", "numpy", "torch", "torchvision",
+              "open_clip_torch", "faiss-cpu", "faiss-gpu")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the runner knows of a stage: where its code is and what it depends on."""
+
+    name: str
+    summary: str
+    reads_config: tuple[str, ...]  # config sections whose change makes the stage stale
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    module: str | None = None  # module with ``run(cfg, run_dir) -> counts``; None: not built yet
+
+    def function(self):
+        return importlib.import_module(self.module).run
+
+
+@dataclass
+class StageState:
+    name: str
+    status: str  # done | stale | missing | not built
+    why: str
+    record: dict | None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "webdistill": __version__}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _upstream_ids(run: RunDir, spec: StageSpec) -> dict[str, str | None]:
+    return {u: (run.record(u) or {}).get("run_id") for u in spec.upstream}
+
+
+def stage_states(cfg: Config, run: RunDir, specs: list[StageSpec]) -> dict[str, StageState]:
+    """Status of every stage, in pipeline order (a stage after a stale one is stale too)."""
+    states: dict[str, StageState] = {}
+    for spec in specs:
+        record = run.record(spec.name)
+        if spec.module is None:
+            states[spec.name] = StageState(spec.name, "not built", "not built yet", None)
+            continue
+        if record is None:
+            why = "interrupted: a re-run resumes it" if run.has_partial(spec.name) else "not run yet"
+            states[spec.name] = StageState(spec.name, "missing", why, None)
+            continue
+        why = ""
+        if record.get("config_fingerprint") != fingerprint(cfg, spec.reads_config):
+            why = f"config changed ({', '.join(spec.reads_config)})"
+        for u in spec.upstream:
+            up = states.get(u)
+            if up is None or up.status != "done":
+                why = why or f"upstream {u} is {up.status if up else 'unknown'}"
+            elif record.get("upstream", {}).get(u) != up.record.get("run_id"):
+                why = why or f"upstream {u} was re-run"
+        states[spec.name] = StageState(spec.name, "stale" if why else "done", why, record)
+    return states
+
+
+def _counts_line(record: dict | None) -> str:
+    if not record:
+        return ""
+    counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in record.get("counts", {}).items())
+    return f"{counts} ({record.get('duration_s', 0):.1f}s)"
+
+
+def format_status(cfg: Config, run: RunDir, specs: list[StageSpec]) -> str:
+    lines = [f"run directory {run.root}"]
+    for state in stage_states(cfg, run, specs).values():
+        detail = _counts_line(state.record) if state.status == "done" else state.why
+        if state.status == "stale":
+            detail = f"{state.why}; last run: {_counts_line(state.record)}"
+        lines.append(f"  {state.name:<9} {state.status:<10} {detail}")
+    return "\n".join(lines)
+
+
+def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict:
+    started = {"config_fingerprint": fingerprint(cfg, spec.reads_config), "upstream": _upstream_ids(run, spec)}
+    _, resumed = run.begin(spec.name, started, resume=not force)
+    log.info("▶ %s: %s%s", spec.name, spec.summary, " (resuming interrupted run)" if resumed else "")
+    t0, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
+    counts = spec.function()(cfg, run) or {}
+    timings, details = counts.pop("timings", {}), counts.pop("details", {})
+    record = {
+        "stage": spec.name,
+        "run_id": uuid.uuid4().hex,
+        **started,
+        "counts": counts,
+        "duration_s": round(time.time() - t0, 3),
+        "timings": timings,
+        "details": details,
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "resumed": resumed,
+        "versions": package_versions(),
+    }
+    run.write_record(spec.name, record)
+    log.info("✓ %s: done — %s", spec.name, _counts_line(record))
+    return record
+
+
+def run_stages(cfg: Config, specs: list[StageSpec], only: list[str] | None = None, force: bool = False) -> RunDir:
+    """Run the pipeline (or only the named stages) in order; skip stages that are done.
+
+    ``force`` re-runs the selected stages from scratch even if they are done; the stages
+    after them then become stale and run too when they are selected.
+    """
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run.root / "config.yaml", dump_yaml(cfg).encode())
+    names = [s.name for s in specs]
+    for name in only or []:
+        if name not in names:
+            raise UserError(f"unknown stage {name!r}; stages are {', '.join(names)}")
+    selected = [s for s in specs if not only or s.name in only]
+    not_built = [s.name for s in selected if s.module is None]
+    for spec in selected:
+        if spec.module is None:
+            continue
+        states = stage_states(cfg, run, specs)
+        state = states[spec.name]
+        blocked = [u for u in spec.upstream if states[u].status != "done"]
+        if blocked:
+            raise UserError(
+                f"stage {spec.name} needs {', '.join(blocked)} to be done first: "
+                f"run `webdistill run CONFIG` or `webdistill {blocked[0]} {run.root}`")
+        if state.status == "done" and not force:
+            log.info("✓ %s: up to date, skipped — %s (use --force to re-run)", spec.name, _counts_line(state.record))
+            continue
+        if state.status == "stale":
+            log.info("↻ %s: stale (%s)", spec.name, state.why)
+        _execute(cfg, run, spec, force)
+    if not_built:
+        log.info("· not built yet: %s", ", ".join(not_built))
+    return run
+

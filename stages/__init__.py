@@ -1,0 +1,25 @@
+"""The pipeline's stages, one module each, in the order they run.
+
+Each stage module exposes ``run(cfg, run_dir) -> counts``: it reads the outputs of its upstream
+stages from the run directory and writes its own folder there. The runner (``pipeline.runner``)
+decides what to run, skip or resume; a stage only does its own work.
+"""
+
+from pipeline.runner import StageSpec
+
+STAGES = [
+    StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest",
+              reads_config=("data", "crawl"), upstream=(), module="stages.crawl"),
+    StageSpec("score", "teacher pseudo-labels, features, open_clip embeddings",
+              reads_config=(), upstream=("crawl",)),
+    StageSpec("filter", "FAISS distribution matching and inverse-propensity weights",
+              reads_config=(), upstream=("score",)),
+    StageSpec("perturb", "MixDistribution images of the selected samples",
+              reads_config=(), upstream=("filter",)),
+    StageSpec("distill", "student training", reads_config=(), upstream=("filter", "perturb")),
+    StageSpec("evaluate", "student and teacher on the labelled test set",
+              reads_config=(), upstream=("distill",)),
+    StageSpec("report", "markdown and HTML report", reads_config=(), upstream=("evaluate",)),
+]
+
+STAGE_NAMES = [s.name for s in STAGES]
