@@ -48,13 +48,13 @@ def _to_table(df: pd.DataFrame | pa.Table, spec: ManifestSchema, where: str) -> 
     if missing:
         raise ManifestError(f"{where}: {spec.name} manifest lacks column(s) {missing}")
     table = table.select(spec.schema.names)
+    for name in spec.required:
+        if table[name].null_count:
+            raise ManifestError(f"{where}: column {name!r} of the {spec.name} manifest has empty values")
     try:
         table = table.cast(spec.schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         raise ManifestError(f"{where}: {spec.name} manifest has a column of the wrong type: {e}") from e
-    for name in spec.required:
-        if table[name].null_count:
-            raise ManifestError(f"{where}: column {name!r} of the {spec.name} manifest has empty values")
     keys = table[spec.key].to_pandas()
     if keys.duplicated().any():
         dup = keys[keys.duplicated()].iloc[0]

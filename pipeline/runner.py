@@ -35,10 +35,13 @@ class StageSpec:
     summary: str
     reads_config: tuple[str, ...]  # config sections whose change makes the stage stale
     upstream: tuple[str, ...]  # stages whose outputs it reads
-    module: str | None = None  # module with ``run(cfg, run_dir) -> counts``; None: not built yet
+    # "module" or "module:function" with ``function(cfg, run_dir) -> counts`` (default name: run);
+    # None: the stage is not built yet
+    module: str | None = None
 
     def function(self):
-        return importlib.import_module(self.module).run
+        module, _, name = self.module.partition(":")
+        return getattr(importlib.import_module(module), name or "run")
 
 
 @dataclass

@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.conftest import REPO, web_config
+from pipeline.config import dump_yaml
+from pipeline.rundir import RunDir
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_config_typo_is_one_line_without_traceback(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("crawl:\n  image_sise: 32\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {config}: unknown key 'crawl.image_sise'; "
+                                   "did you mean 'image_size'?")
+
+
+def test_status_of_a_crawled_run(small_web, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_yaml(web_config(small_web, tmp_path / "run", "crawl.processes_count=1")))
+    assert "crawl     missing    not run yet" in invoke("status", str(config)).output
+    result = invoke("crawl", str(config))
+    assert result.exit_code == 0
+    out = invoke("status", str(tmp_path / "run")).output  # a run directory works as well as its config
+    assert "crawl     done       attempted 324, succeeded 300, failed 24, shards 4" in out
+    for stage in ("score", "filter", "perturb", "distill", "evaluate", "report"):
+        assert f"{stage:<9} not built" in out
+    # skipped the second time, re-run with --force
+    run_id = RunDir(tmp_path / "run").record("crawl")["run_id"]
+    assert invoke("crawl", str(tmp_path / "run")).exit_code == 0
+    assert RunDir(tmp_path / "run").record("crawl")["run_id"] == run_id
+    assert invoke("crawl", str(tmp_path / "run"), "--force").exit_code == 0
+    assert RunDir(tmp_path / "run").record("crawl")["run_id"] != run_id
+
+
+def test_help_explains_stages_and_options():
+    out = invoke("--help").output
+    for word in ("crawl", "status", "demo-data", "defaults", "run"):
+        assert word in out
+    assert "--force" in invoke("crawl", "--help").output
+
+
+def test_not_a_run_directory(tmp_path):
+    result = CliRunner().invoke(cli, ["status", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a run directory (no config.yaml)" in result.output

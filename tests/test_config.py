@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from pipeline.config import Config, commented_defaults, fingerprint, load_config
+from pipeline.errors import UserError
+from tests.conftest import REPO
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_loads_with_its_values():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.crawl.image_size == 64
+    assert cfg.data.url_list == "demo_data/web_urls.parquet"
+    assert cfg.demo.pool_size >= 10_000
+
+
+def test_typo_names_key_file_and_closest_valid_key(tmp_path):
+    path = write(tmp_path, "crawl:\n  procesess_count: 4\n")
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "'crawl.procesess_count'" in msg
+    assert "did you mean 'processes_count'" in msg
+
+
+def test_typo_in_section_name(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'crwal'; did you mean 'crawl'"):
+        load_config(write(tmp_path, "crwal:\n  timeout: 3\n"))
+
+
+def test_wrong_type_and_bad_choice_are_errors(tmp_path):
+    with pytest.raises(UserError, match=r"crawl.timeout must be int, got 'soon'"):
+        load_config(write(tmp_path, "crawl:\n  timeout: soon\n"))
+    with pytest.raises(UserError, match=r"crawl.resize_mode = 'boarder' is not one of .*did you mean 'border'"):
+        load_config(write(tmp_path, "crawl:\n  resize_mode: boarder\n"))
+
+
+def test_defaults_fill_what_the_file_leaves_out(tmp_path):
+    cfg = load_config(write(tmp_path, "crawl:\n  timeout: 3\n"))
+    assert cfg.crawl.timeout == 3
+    assert cfg.crawl.thread_count == Config().crawl.thread_count
+
+
+def test_overrides_and_fingerprints():
+    a = load_config(None, ["crawl.timeout=3"])
+    b = load_config(None, ["crawl.timeout=4"])
+    assert a.crawl.timeout == 3
+    assert fingerprint(a, ["crawl"]) != fingerprint(b, ["crawl"])
+    assert fingerprint(a, ["data"]) == fingerprint(b, ["data"])
+    with pytest.raises(UserError, match="unknown key 'crawl.timeuot'"):
+        load_config(None, ["crawl.timeuot=3"])
+
+
+def test_commented_defaults_is_the_loadable_default_config(tmp_path):
+    text = commented_defaults()
+    assert "# seconds before a download gives up" in text
+    assert load_config(write(tmp_path, text)) == Config()
+    assert yaml.safe_load(text)["crawl"]["processes_count"] == Config().crawl.processes_count

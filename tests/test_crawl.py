@@ -1,0 +1,141 @@
+import io
+import json
+import shutil
+import tarfile
+
+import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from manifests import CRAWL, read_manifest
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+from pipeline.runner import run_stages
+from stages import STAGES
+from stages.crawl import drop_incomplete_shards, failure_reason
+from tests.conftest import web_config
+
+
+@pytest.fixture(scope="module")
+def crawled(small_web, tmp_path_factory):
+    cfg = web_config(small_web, tmp_path_factory.mktemp("crawl") / "run")
+    run_stages(cfg, STAGES, only=["crawl"])
+    out = RunDir(cfg.run_dir).stage_dir("crawl")
+    return {"cfg": cfg, "out": out, "manifest": read_manifest(out / "manifest.parquet", CRAWL)}
+
+
+def shard_samples(folder):
+    """(uid, decoded image) of every sample in every shard of ``folder``."""
+    samples = []
+    for tar in sorted(folder.glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            samples.append((json.loads(s["json"])["uid"], Image.open(io.BytesIO(s["jpg"])).convert("RGB")))
+    return samples
+
+
+def test_failures_are_counted_exactly_as_planted(crawled, small_web):
+    m, sources = crawled["manifest"], small_web["sources"]
+    assert len(m) == len(sources)
+    assert set(m["uid"]) == set(sources["uid"])
+    planted = sources["expected_reason"].value_counts().to_dict()
+    assert planted == {"decode_error": 12, "http_404": 6, "connection_refused": 6}
+    assert m["reason"].value_counts().to_dict() == planted
+    # and each failure is the one planted in that very URL
+    joined = m.merge(sources, on="uid")
+    assert (joined["reason"].fillna("ok") == joined["expected_reason"].fillna("ok")).all()
+    assert joined.loc[joined["status"] == "failed", "error"].notna().all()
+
+
+def test_every_success_decodes_from_the_shards_once(crawled):
+    m = crawled["manifest"]
+    samples = shard_samples(crawled["out"] / "shards")
+    uids = [u for u, _ in samples]
+    assert len(uids) == len(set(uids))
+    assert set(uids) == set(m.loc[m["status"] == "success", "uid"])
+    assert all(img.size == (64, 64) for _, img in samples)
+
+
+def test_summary_and_record(crawled):
+    summary = json.loads((crawled["out"] / "summary.json").read_text())
+    assert summary["attempted"] == 324 and summary["succeeded"] == 300
+    assert summary["failures_by_reason"] == {"decode_error": 12, "http_404": 6, "connection_refused": 6}
+    assert summary["images_per_s"] > 0
+    record = RunDir(crawled["cfg"].run_dir).record("crawl")
+    assert record["counts"]["succeeded"] == 300 and record["counts"]["shards"] == 4
+
+
+def test_incomplete_shards_are_dropped(crawled, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(crawled["out"] / "shards", folder)
+    tar = folder / "00001.tar"
+    tar.write_bytes(tar.read_bytes()[:5000])  # killed while writing, stats file from a previous run
+    (folder / "00002_stats.json").unlink()  # killed before img2dataset wrote the stats
+    assert drop_incomplete_shards(folder) == ["00001", "00002"]
+    assert sorted(p.name for p in folder.glob("*.tar")) == ["00000.tar", "00003.tar"]
+    assert drop_incomplete_shards(folder) == []
+
+
+def test_folder_source(tmp_path):
+    images = tmp_path / "images"
+    for cls in ("cats", "dogs"):
+        (images / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20 + i, 30), (i * 40, 0, 0)).save(images / cls / f"{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    (images / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.source=folder", f"data.folder={images}",
+                             "crawl.processes_count=1", "crawl.thread_count=2"])
+    run_stages(cfg, STAGES, only=["crawl"])
+    m = read_manifest(tmp_path / "run" / "crawl" / "manifest.parquet", CRAWL)
+    assert len(m) == 7
+    assert m.loc[m["status"] == "failed", "reason"].tolist() == ["decode_error"]
+    ok = m[m["status"] == "success"]
+    assert sorted(ok["caption"]) == ["cats"] * 3 + ["dogs"] * 3
+    assert len(shard_samples(tmp_path / "run" / "crawl" / "shards")) == 6
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.url_list=/nowhere/urls.parquet"], r"URL list /nowhere/urls.parquet not found .*make demo-data"),
+    (["crawl.img2dataset_args={resize_mdoe: border}"], r"img2dataset_args.resize_mdoe is not an img2dataset"),
+    (["crawl.img2dataset_args={output_format: files}"], r"output_format is set by the crawl stage"),
+    (["data.url_col=link"], r"has no column 'link'"),
+])
+def test_bad_input_is_a_clear_error(small_web, tmp_path, overrides, message):
+    cfg = web_config(small_web, tmp_path / "run", *overrides)
+    with pytest.raises(UserError, match=message):
+        run_stages(cfg, STAGES, only=["crawl"])
+    assert RunDir(cfg.run_dir).record("crawl") is None
+
+
+def test_unreadable_url_list(tmp_path):
+    bad = tmp_path / "urls.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.url_list={bad}"])
+    with pytest.raises(UserError, match=r"urls.parquet: cannot read it as parquet"):
+        run_stages(cfg, STAGES, only=["crawl"])
+
+
+@pytest.mark.parametrize("error, reason", [
+    ("HTTP Error 404: File not found", "http_404"),
+    ("HTTP Error 503: Service Unavailable", "http_503"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+    ("The read operation timed out", "timeout"),
+    ("Image decoding error", "decode_error"),
+    ("something new", "other"),
+])
+def test_failure_reason(error, reason):
+    assert failure_reason(error) == reason
+
+
+def test_txt_and_csv_url_lists(small_web, tmp_path):
+    urls = pd.read_parquet(small_web["urls"])["url"].head(30)
+    (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n" + urls.iloc[0] + "\n")  # one duplicate
+    cfg = web_config(small_web, tmp_path / "run", f"data.url_list={tmp_path / 'urls.txt'}")
+    run_stages(cfg, STAGES, only=["crawl"])
+    details = RunDir(cfg.run_dir).record("crawl")["details"]
+    assert details["duplicate_urls"] == 1 and details["listed"] == 31
+    assert RunDir(cfg.run_dir).record("crawl")["counts"]["attempted"] == 30
+    with tarfile.open(tmp_path / "run" / "crawl" / "shards" / "00000.tar") as tar:
+        assert any(n.endswith(".jpg") for n in tar.getnames())
