@@ -13,6 +13,7 @@ finished shard is checked against its stats, and one that does not add up is del
 downloaded again, so a half-written shard is never taken for complete.
 """
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -161,7 +162,15 @@ def drop_incomplete_shards(folder: Path) -> list[str]:
     return sorted(dropped)
 
 
+def _check_distributor(distributor: str) -> None:
+    """img2dataset quietly does nothing when ray is missing: say so before it starts."""
+    if distributor != "multiprocessing" and importlib.util.find_spec(distributor) is None:
+        raise UserError(f"crawl.distributor: {distributor} is not installed here: `pip install {distributor}`, "
+                        "then start its cluster before the crawl (see README, 'Crawling on many machines')")
+
+
 def _download_args(cfg: CrawlConfig, urls: Path, shards: Path, has_caption: bool) -> dict:
+    _check_distributor(cfg.distributor)
     extra = dict(cfg.img2dataset_args)
     known = set(inspect.signature(download).parameters)
     for key in extra:

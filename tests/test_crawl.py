@@ -101,6 +101,7 @@ def test_folder_source(tmp_path):
     (["crawl.img2dataset_args={resize_mdoe: border}"], r"img2dataset_args.resize_mdoe is not an img2dataset"),
     (["crawl.img2dataset_args={output_format: files}"], r"output_format is set by the crawl stage"),
     (["data.url_col=link"], r"has no column 'link'"),
+    (["crawl.distributor=ray"], r"crawl.distributor: ray is not installed here: `pip install ray`"),
 ])
 def test_bad_input_is_a_clear_error(small_web, tmp_path, overrides, message):
     cfg = web_config(small_web, tmp_path / "run", *overrides)
