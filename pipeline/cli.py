@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import commented_defaults, load_config
+from pipeline.config import Config, commented_defaults, load_config
 from pipeline.errors import UserError
 from stages import STAGES
 
@@ -16,7 +16,7 @@ _SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                     help="Override a config value, e.g. --set crawl.processes_count=4 (repeatable).")
 
 
-def _load(target: str | None, overrides) -> "Config":  # noqa: F821
+def _load(target: str | None, overrides) -> Config:
     """A config from a YAML file, or the resolved config of a run directory."""
     path = Path(target or DEFAULT_CONFIG)
     if path.is_dir():

@@ -225,9 +225,9 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         log.info("crawl: re-downloading %d incomplete shard(s) left by an interrupted run: %s",
                  len(dropped), ", ".join(dropped))
     expected = math.ceil(len(urls) / cfg.crawl.number_sample_per_shard)
-    done_before = len(list(shards.glob("*_stats.json")))
+    done_before = set(shards.glob("*_stats.json"))
     log.info("crawl: %s URLs in %d shard(s), %d already done; img2dataset with %d process(es) × %d threads",
-             f"{len(urls):,}", expected, done_before, cfg.crawl.processes_count, cfg.crawl.thread_count)
+             f"{len(urls):,}", expected, len(done_before), cfg.crawl.processes_count, cfg.crawl.thread_count)
 
     args = _download_args(cfg.crawl, out / "urls.parquet", shards, urls["caption"].notna().any())
     serving = serve_folder(cfg.data.serve_folder, cfg.data.serve_port) if cfg.data.serve_folder else nullcontext()
@@ -237,7 +237,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     seconds = time.time() - t0
 
     failed_shards = drop_incomplete_shards(shards)
-    finished = len(list(shards.glob("*_stats.json")))
+    stats = set(shards.glob("*_stats.json"))
+    finished = len(stats)
     if finished < expected:
         raise UserError(f"crawl: {expected - finished} of {expected} shard(s) did not finish "
                         f"{failed_shards or ''} (see img2dataset's messages above); re-run the crawl "
@@ -245,26 +246,32 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
 
     manifest = gather_manifest(shards)
     write_manifest(manifest, out / "manifest.parquet", CRAWL)
-    ok = manifest["status"] == "success"
-    reasons = Counter(manifest.loc[~ok, "reason"])
-    new_images = ok.sum() * (expected - done_before) / expected
-    summary = {
-        **info,
-        "attempted": len(manifest),
-        "succeeded": int(ok.sum()),
-        "failed": int((~ok).sum()),
-        "failures_by_reason": dict(reasons.most_common()),
-        "download_seconds": round(seconds, 2),
-        "images_per_s": round(new_images / seconds, 1) if seconds else None,
-        "shards": finished,
-    }
+    # images/s of this run: a resumed crawl does not count the shards it found done
+    new_images = sum(json.loads(f.read_text())["successes"] for f in stats - done_before)
+    summary = summarize(manifest, info, seconds, new_images)
     atomic_write_json(out / "summary.json", summary)
-    log.info("crawl: %s attempted, %s succeeded, %s failed (%s); %.1f images/s",
-             f"{summary['attempted']:,}", f"{summary['succeeded']:,}", f"{summary['failed']:,}",
-             ", ".join(f"{r} {n}" for r, n in reasons.most_common()) or "none", summary["images_per_s"] or 0)
+    reasons = ", ".join(f"{r} {n}" for r, n in summary["failures_by_reason"].items()) or "none"
+    log.info("crawl: %s attempted, %s succeeded, %s failed (%s); %.1f images/s", f"{summary['attempted']:,}",
+             f"{summary['succeeded']:,}", f"{summary['failed']:,}", reasons, summary["images_per_s"] or 0)
+    if summary["succeeded"] == 0:
+        raise UserError(f"crawl: no image could be downloaded ({reasons}); see the error column of "
+                        f"{out / 'manifest.parquet'}: are the URLs reachable from this machine?")
     return {
         "attempted": summary["attempted"], "succeeded": summary["succeeded"], "failed": summary["failed"],
         "shards": finished, "images_per_s": summary["images_per_s"],
         "timings": {"download_s": summary["download_seconds"]},
         "details": {"failures_by_reason": summary["failures_by_reason"], **info},
+    }
+
+
+def summarize(manifest: pd.DataFrame, info: dict, seconds: float, new_images: int) -> dict:
+    ok = manifest["status"] == "success"
+    return {
+        **info,
+        "attempted": len(manifest),
+        "succeeded": int(ok.sum()),
+        "failed": int((~ok).sum()),
+        "failures_by_reason": dict(Counter(manifest.loc[~ok, "reason"]).most_common()),
+        "download_seconds": round(seconds, 2),
+        "images_per_s": round(new_images / seconds, 1) if seconds else None,
     }

@@ -110,6 +110,15 @@ def test_bad_input_is_a_clear_error(small_web, tmp_path, overrides, message):
     assert RunDir(cfg.run_dir).record("crawl") is None
 
 
+def test_nothing_downloaded_is_an_error_not_an_empty_success(tmp_path):
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:1/a.jpg\nhttp://127.0.0.1:1/b.jpg\n")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.url_list={tmp_path / 'urls.txt'}",
+                             "crawl.processes_count=1"])
+    with pytest.raises(UserError, match=r"no image could be downloaded \(connection_refused 2\)"):
+        run_stages(cfg, STAGES, only=["crawl"])
+    assert RunDir(cfg.run_dir).record("crawl") is None
+
+
 def test_unreadable_url_list(tmp_path):
     bad = tmp_path / "urls.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
