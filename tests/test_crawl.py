@@ -1,6 +1,7 @@
 import io
 import json
 import shutil
+import sys
 import tarfile
 
 import pandas as pd
@@ -149,3 +150,18 @@ def test_txt_and_csv_url_lists(small_web, tmp_path):
     assert RunDir(cfg.run_dir).record("crawl")["counts"]["attempted"] == 30
     with tarfile.open(tmp_path / "run" / "crawl" / "shards" / "00000.tar") as tar:
         assert any(n.endswith(".jpg") for n in tar.getnames())
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pyspark needs a Java runtime")
+def test_pyspark_distributor_crawls_the_same(small_web, crawled, tmp_path, monkeypatch, capfd):
+    """img2dataset's pyspark distributor in Spark local mode: the multi-machine path, on one machine."""
+    pytest.importorskip("pyspark")
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    cfg = web_config(small_web, tmp_path / "run", "crawl.distributor=pyspark")
+    run_stages(cfg, STAGES, only=["crawl"])
+    assert "No pyspark session found, creating a new one!" in capfd.readouterr().out  # Spark did the work
+    m = read_manifest(tmp_path / "run" / "crawl" / "manifest.parquet", CRAWL)
+    expected = crawled["manifest"]
+    assert m.set_index("uid")["reason"].sort_index().equals(expected.set_index("uid")["reason"].sort_index())
+    assert len(shard_samples(tmp_path / "run" / "crawl" / "shards")) == 300
