@@ -139,13 +139,13 @@ def run_stages(cfg: Config, specs: list[StageSpec], only: list[str] | None = Non
     ``force`` re-runs the selected stages from scratch even if they are done; the stages
     after them then become stale and run too when they are selected.
     """
-    run = RunDir(cfg.run_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run.root / "config.yaml", dump_yaml(cfg).encode())
     names = [s.name for s in specs]
     for name in only or []:
         if name not in names:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(names)}")
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run.root / "config.yaml", dump_yaml(cfg).encode())
     selected = [s for s in specs if not only or s.name in only]
     not_built = [s.name for s in selected if s.module is None]
     for spec in selected:

@@ -120,6 +120,13 @@ def test_nothing_downloaded_is_an_error_not_an_empty_success(tmp_path):
     assert RunDir(cfg.run_dir).record("crawl") is None
 
 
+def test_empty_url_list(tmp_path):
+    (tmp_path / "urls.csv").write_text("url\n\n")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.url_list={tmp_path / 'urls.csv'}"])
+    with pytest.raises(UserError, match=r"urls.csv\) lists no URL"):
+        run_stages(cfg, STAGES, only=["crawl"])
+
+
 def test_unreadable_url_list(tmp_path):
     bad = tmp_path / "urls.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
