@@ -4,7 +4,7 @@ Stages exchange only WebDataset shards, parquet manifests keyed by ``uid`` and r
 ``.npy`` arrays. Everything that crosses a stage boundary is described here.
 """
 
-from manifests.io import ManifestError, atomic_write_json, read_manifest, write_manifest
+from manifests.io import ManifestError, atomic_write_bytes, atomic_write_json, read_manifest, write_manifest
 from manifests.schemas import CRAWL, SCHEMAS, ManifestSchema
 from manifests.uid import uid_for
 
@@ -13,6 +13,7 @@ __all__ = [
     "SCHEMAS",
     "ManifestError",
     "ManifestSchema",
+    "atomic_write_bytes",
     "atomic_write_json",
     "read_manifest",
     "uid_for",

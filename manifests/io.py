@@ -68,16 +68,9 @@ def write_manifest(df: pd.DataFrame | pa.Table, path: Path, spec: ManifestSchema
     table = _to_table(df, spec, str(path))
     meta = dict(table.schema.metadata or {})
     meta[_META_KEY] = json.dumps({"name": spec.name, "version": spec.version}).encode()
-    table = table.replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(meta), buffer)
+    atomic_write_bytes(path, buffer.getvalue().to_pybytes())
     return path
 
 

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from manifests.io import atomic_write_bytes
+from manifests import atomic_write_bytes
 from pipeline import __version__
 from pipeline.config import Config, dump_yaml, fingerprint
 from pipeline.errors import UserError

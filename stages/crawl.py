@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 from img2dataset import download
 
-from manifests import CRAWL, atomic_write_json, uid_for, write_manifest
+from manifests import CRAWL, atomic_write_bytes, atomic_write_json, uid_for, write_manifest
 from pipeline.config import Config, CrawlConfig, DataConfig
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
@@ -126,10 +126,8 @@ def prepare_inputs(data: DataConfig, path: Path) -> tuple[pd.DataFrame, dict]:
         raise UserError(f"the input ({data.url_list or data.folder}) lists no URL")
     df = pd.DataFrame({"url": df["url"].to_numpy(), "uid": [uid_for(i) for i in df["identity"]],
                        "caption": df["caption"].to_numpy()})
-    tmp = path.with_suffix(".tmp")
-    df.to_parquet(tmp, index=False)
     atomic_write_json(path.with_suffix(".json"), info)
-    tmp.replace(path)
+    atomic_write_bytes(path, df.to_parquet(index=False))  # last: its presence means both are there
     return df, info
 
 
