@@ -91,7 +91,8 @@ for _spec in STAGES:
 @_SET
 def status(target, overrides):
     """Show each stage of a run as done / stale / missing, with its counts."""
-    from pipeline.runner import RunDir, format_status
+    from pipeline.rundir import RunDir
+    from pipeline.runner import format_status
 
     cfg = _load(target, overrides)
     click.echo(format_status(cfg, RunDir(cfg.run_dir), STAGES))

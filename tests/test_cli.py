@@ -4,9 +4,9 @@ import sys
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from tests.conftest import REPO, web_config
 from pipeline.config import dump_yaml
 from pipeline.rundir import RunDir
+from tests.conftest import REPO, web_config
 
 
 def invoke(*args):
