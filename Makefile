@@ -16,7 +16,7 @@ export WANDB_MODE := disabled
 
 STAGES := crawl score filter perturb distill evaluate report
 
-.PHONY: help setup demo-data all test bench status clean $(STAGES)
+.PHONY: help setup demo-data teacher all test bench status clean $(STAGES)
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
@@ -34,7 +34,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo-data: setup  ## build the demo: private MNIST split, 10k-image web pool, URL list
 	$(WD) demo-data $(CONFIG)
 
-all: demo-data  ## set up, build the demo, run every stage of the pipeline, print the status
+teacher: demo-data  ## train the demo teacher on the private train split (skipped when up to date)
+	$(WD) demo-teacher $(CONFIG)
+
+all: teacher  ## set up, build the demo and its teacher, run every stage of the pipeline, print the status
 	$(WD) run $(CONFIG)
 
 crawl score filter perturb distill evaluate report: setup  ## re-run one stage (add FORCE=1 to re-run a done one)

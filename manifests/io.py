@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +41,46 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def atomic_write_array(path: Path, array: np.ndarray) -> None:
+    """One ``.npy`` array, written atomically."""
+    concat_arrays(path, [array])
+
+
+def concat_arrays(path: Path, parts: list[np.ndarray]) -> None:
+    """Row-wise concatenation of ``parts`` into one ``.npy`` file, streamed through a memory map
+    (the whole array is never in memory) and renamed into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = sum(len(p) for p in parts)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=(rows, *parts[0].shape[1:]))
+        start = 0
+        for part in parts:
+            out[start:start + len(part)] = part
+            start += len(part)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_array(path: Path, rows: int, what: str, mmap: bool = True) -> np.ndarray:
+    """A row-aligned array, checked to have one row per manifest row."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: {what} array not found (has the stage that writes it run?)")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError) as e:
+        raise ManifestError(f"{path}: not a complete .npy file ({e}); re-run its stage with --force") from e
+    if len(array) != rows:
+        raise ManifestError(f"{path}: {len(array)} rows, but its manifest has {rows}: re-run its stage with --force")
+    return array
 
 
 def _to_table(df: pd.DataFrame | pa.Table, spec: ManifestSchema, where: str) -> pa.Table:

@@ -3,7 +3,7 @@
 Each manifest is one parquet file with one row per sample, keyed by ``uid`` (see ``uid.py``).
 The schema name and version are stored in the file's metadata so a reader can tell a crawl
 manifest from any other parquet file. Later stages add their schemas to ``SCHEMAS``
-(score, selection, perturbation, training log).
+(selection, perturbation, training log).
 """
 
 from dataclasses import dataclass
@@ -47,4 +47,39 @@ CRAWL = ManifestSchema(
     ),
 )
 
-SCHEMAS = {s.name: s for s in (CRAWL,)}
+SCORE = ManifestSchema(
+    name="score",
+    version=1,
+    # one row per scored image, row i ↔ row i of score/logits.npy, features.npy (, embeddings.npy)
+    schema=pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("shard", pa.string(), nullable=False),  # crawl shard (relative to the crawl folder)
+            pa.field("key", pa.string(), nullable=False),  # the sample's key in that shard
+            pa.field("pseudo_label", pa.int32(), nullable=False),  # the teacher's top class
+            pa.field("pseudo_class", pa.string(), nullable=False),  # its name
+            pa.field("confidence", pa.float32(), nullable=False),  # softmax probability of the top class
+            pa.field("entropy", pa.float32(), nullable=False),  # of the softmax, in nats
+            pa.field("margin", pa.float32(), nullable=False),  # top-1 minus top-2 probability
+            pa.field("topk_labels", pa.list_(pa.int32()), nullable=False),
+            pa.field("topk_probs", pa.list_(pa.float32()), nullable=False),
+        ]
+    ),
+)
+
+SCORE_FAILURES = ManifestSchema(
+    name="score_failures",
+    version=1,
+    # crawled images the score stage could not use: undecodable, or missing from a damaged shard
+    schema=pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("shard", pa.string(), nullable=False),
+            pa.field("key", pa.string()),
+            pa.field("reason", pa.string(), nullable=False),  # decode_error | missing_from_shard
+            pa.field("error", pa.string()),
+        ]
+    ),
+)
+
+SCHEMAS = {s.name: s for s in (CRAWL, SCORE, SCORE_FAILURES)}

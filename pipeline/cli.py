@@ -49,7 +49,10 @@ def cli(quiet):
 
     TARGET is a config file (YAML) or a run directory made by an earlier run.
     """
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+    from pipeline.devices import is_main
+
+    # under torchrun only rank 0 reports progress; the other ranks speak up for warnings
+    logging.basicConfig(level=logging.WARNING if quiet or not is_main() else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
@@ -107,6 +110,17 @@ def demo_data(target, force, overrides):
     from pipeline.demo import build_demo
 
     build_demo(_load(target, overrides), force=force)
+
+
+@cli.command("demo-teacher")
+@click.argument("target", required=False)
+@click.option("--force", is_flag=True, help="Retrain even if an up-to-date teacher exists.")
+@_SET
+def demo_teacher(target, force, overrides):
+    """Train the demo's teacher on the private train split; write it with its spec."""
+    from pipeline.demo_teacher import build_demo_teacher
+
+    build_demo_teacher(_load(target, overrides), force=force)
 
 
 @cli.command()

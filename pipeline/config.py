@@ -69,13 +69,63 @@ class CrawlConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The teacher: a classifier trained on the private data, loaded from local files only."""
+
+    spec_file: str | None = opt(
+        None, "YAML file holding the keys of this section (`make teacher` writes the demo's); keys set here "
+        "override it, and relative paths in it are relative to its folder")
+    format: str = opt("webdistill", "how the teacher is stored: an architecture of webdistill's registry, timm or "
+                      "torchvision + a state_dict; 'entrypoint': arch is module:function returning the model, + a "
+                      "state_dict; 'torchscript': a TorchScript file; 'open_clip': a zero-shot CLIP classifier",
+                      choices=("webdistill", "timm", "torchvision", "entrypoint", "torchscript", "open_clip"))
+    arch: str | None = opt(None, "architecture name in the format's library (e.g. convnet5, resnet18, ViT-B-32), "
+                           "or module:function for format entrypoint; unused for torchscript")
+    arch_kwargs: dict = opt({}, "keyword arguments of the architecture or entry point (e.g. width: 64)")
+    checkpoint: str | None = opt(None, "local weights file: a state_dict (.pt, .pth, .safetensors), the TorchScript "
+                                 "file, or the open_clip checkpoint")
+    sha256: str | None = opt(None, "expected sha256 of the checkpoint, checked at load (null: not checked)")
+    class_names: list | str | None = opt(None, "class names in logit order, or a text file with one per line (required)")
+    input_size: int | None = opt(None, "side of the square input in pixels; null: the architecture's own "
+                                 "(timm, open_clip), required otherwise")
+    channels: int = opt(3, "input channels: 1 (grey) or 3 (RGB)", choices=(1, 3))
+    mean: list | None = opt(None, "per-channel normalisation mean on the 0–1 scale; null: the architecture's own, "
+                            "else ImageNet's")
+    std: list | None = opt(None, "per-channel normalisation std; null: as for mean")
+    feature_layer: str = opt("auto", "module whose output (flattened) is the penultimate feature vector; auto: the "
+                             "input of the last Linear layer. torchscript: a method the script exports (auto: "
+                             "forward_features), unless forward returns (logits, features)")
+    prompt_template: str = opt("a photo of a {}.", "zero-shot prompt of format open_clip; {} is the class name")
+
+
+@dataclass
+class ScoreConfig:
+    """The score stage: the teacher (and an optional open_clip embedder) over every crawled image."""
+
+    batch_size: int = opt(256, "images per forward pass")
+    num_workers: int = opt(2, "DataLoader processes decoding images (per torchrun rank); 0: decode in the main process")
+    device: str = opt("auto", "auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU; or cpu, cuda, cuda:N")
+    precision: str = opt("auto", "autocast dtype; auto: bf16 on CUDA (fp16 where bf16 is not supported), fp32 on CPU",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    top_k: int = opt(5, "classes kept per sample in the manifest's topk columns")
+    feature_dtype: str = opt("float16", "dtype of the stored features and embeddings (logits are always float32)",
+                             choices=("float16", "float32"))
+    embedder_model: str | None = opt(None, "open_clip model (e.g. ViT-B-32) whose image embeddings are added; null: none")
+    embedder_checkpoint: str | None = opt(
+        None, "local open_clip checkpoint of embedder_model; 'random' for random weights (benchmarks only)")
+
+
+@dataclass
 class DemoConfig:
     """The embedded demo: private MNIST split and a synthetic web pool (``webdistill demo-data``)."""
 
     dir: str = opt("demo_data", "where the demo data is built")
     pool_size: int = opt(10000, "images in the web pool (broken entries come on top)")
     broken_fraction: float = opt(0.02, "share of broken entries in the URL list (404, truncated, non-image, refused)")
-    seed: int = opt(0, "seed of the demo data")
+    seed: int = opt(0, "seed of the demo data and of the demo teacher's training")
+    teacher_arch: str = opt("convnet5", "webdistill architecture of the demo teacher (`make teacher`)")
+    teacher_epochs: int = opt(24, "training epochs of the demo teacher on the private train split")
+    teacher_min_accuracy: float = opt(0.985, "`make teacher` fails if the teacher's top-1 on the private test split is lower")
 
 
 @dataclass
@@ -83,6 +133,8 @@ class Config:
     run_dir: str = opt("runs/demo", "run directory: one folder per stage, completion records, resolved config")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
     crawl: CrawlConfig = field(default_factory=CrawlConfig, metadata={"help": CrawlConfig.__doc__})
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": TeacherConfig.__doc__})
+    score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"help": ScoreConfig.__doc__})
     demo: DemoConfig = field(default_factory=DemoConfig, metadata={"help": DemoConfig.__doc__})
 
 
@@ -157,7 +209,34 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             raise UserError(f"{path}: not valid YAML: {e}") from e
     for assignment in overrides:
         _apply_override(raw, assignment)
+    if isinstance(raw.get("teacher"), dict) and raw["teacher"].get("spec_file"):
+        raw["teacher"] = _with_spec_file(raw["teacher"], origin)
     return _build(Config, raw, "", origin)
+
+
+_SPEC_PATHS = ("checkpoint", "class_names")  # keys of a teacher spec file that hold a path when a string
+
+
+def _with_spec_file(teacher: dict, origin: str) -> dict:
+    """The teacher section with the keys of its spec file underneath (the section's own keys win).
+
+    A spec file that does not exist yet (the demo's, before `make teacher`) is left for the teacher
+    loader to report, so that the config still loads for stages that do not need the teacher.
+    """
+    path = Path(teacher["spec_file"])
+    if not path.is_file():
+        return teacher
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} (teacher.spec_file of {origin}): not valid YAML: {e}") from e
+    if not isinstance(spec, dict):
+        raise UserError(f"{path} (teacher.spec_file of {origin}): must be a mapping of teacher keys")
+    for key in _SPEC_PATHS:
+        value = spec.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            spec[key] = str(path.parent / value)
+    return {**spec, **teacher}
 
 
 def to_dict(cfg) -> dict:
@@ -181,7 +260,7 @@ def commented_defaults(cls=Config, indent: str = "") -> str:
     for f in dataclasses.fields(cls):
         help_text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
         if choices:
-            help_text += f" (one of: {', '.join(choices)})"
+            help_text += f" (one of: {', '.join(map(str, choices))})"
         lines.append(f"{indent}# {help_text}")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from manifests import atomic_write_bytes
-from pipeline import __version__
+from pipeline import __version__, devices
 from pipeline.config import Config, dump_yaml, fingerprint
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
@@ -37,6 +37,9 @@ class StageSpec:
     # "module" or "module:function" with ``function(cfg, run_dir) -> counts`` (default name: run);
     # None: the stage is not built yet
     module: str | None = None
+    # True: under torchrun every rank runs the stage function (it splits the work itself);
+    # False: rank 0 runs it alone while the other ranks wait
+    distributed: bool = False
 
     def function(self):
         module, _, name = self.module.partition(":")
@@ -107,12 +110,20 @@ def format_status(cfg: Config, run: RunDir, specs: list[StageSpec]) -> str:
     return "\n".join(lines)
 
 
-def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict:
+def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict | None:
+    """Run one stage and write its record. Under torchrun rank 0 alone opens and closes the
+    stage folder; the barriers keep the other ranks from reading it in between."""
     started = {"config_fingerprint": fingerprint(cfg, spec.reads_config), "upstream": _upstream_ids(run, spec)}
-    _, resumed = run.begin(spec.name, started, resume=not force)
-    log.info("▶ %s: %s%s", spec.name, spec.summary, " (resuming interrupted run)" if resumed else "")
+    resumed = False
+    if devices.is_main():
+        _, resumed = run.begin(spec.name, started, resume=not force)
+        log.info("▶ %s: %s%s", spec.name, spec.summary, " (resuming interrupted run)" if resumed else "")
+    devices.barrier()
     t0, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
-    counts = spec.function()(cfg, run) or {}
+    counts = (spec.function()(cfg, run) or {}) if spec.distributed or devices.is_main() else None
+    if not devices.is_main():
+        devices.barrier()
+        return None
     timings, details = counts.pop("timings", {}), counts.pop("details", {})
     record = {
         "stage": spec.name,
@@ -129,6 +140,7 @@ def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict:
     }
     run.write_record(spec.name, record)
     log.info("✓ %s: done — %s", spec.name, _counts_line(record))
+    devices.barrier()
     return record
 
 
@@ -143,8 +155,11 @@ def run_stages(cfg: Config, specs: list[StageSpec], only: list[str] | None = Non
         if name not in names:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(names)}")
     run = RunDir(cfg.run_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run.root / "config.yaml", dump_yaml(cfg).encode())
+    devices.init_distributed()
+    if devices.is_main():
+        run.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.root / "config.yaml", dump_yaml(cfg).encode())
+    devices.barrier()
     selected = [s for s in specs if not only or s.name in only]
     not_built = [s.name for s in selected if s.module is None]
     for spec in selected:

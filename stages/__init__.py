@@ -1,7 +1,8 @@
 """The pipeline's stages, one module each, in the order they run.
 
 Each stage module exposes ``run(cfg, run_dir) -> counts``: it reads the outputs of its upstream
-stages from the run directory and writes its own folder there. The runner (``pipeline.runner``)
+stages from the run directory and writes its own folder there. A ``distributed`` stage runs on
+every torchrun rank and splits its work by ``pipeline.devices.rank()``; the others run on rank 0. The runner (``pipeline.runner``)
 decides what to run, skip or resume; a stage only does its own work.
 """
 
@@ -11,7 +12,7 @@ STAGES = [
     StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest",
               reads_config=("data", "crawl"), upstream=(), module="stages.crawl"),
     StageSpec("score", "teacher pseudo-labels, features, open_clip embeddings",
-              reads_config=(), upstream=("crawl",)),
+              reads_config=("teacher", "score"), upstream=("crawl",), module="stages.score", distributed=True),
     StageSpec("filter", "FAISS distribution matching and inverse-propensity weights",
               reads_config=(), upstream=("score",)),
     StageSpec("perturb", "MixDistribution images of the selected samples",

@@ -32,3 +32,38 @@ def web_config(web, run_dir, *overrides):
         f"run_dir={run_dir}", f"data.url_list={web['urls']}", f"data.serve_folder={web['root'] / 'web'}",
         f"data.serve_port={web['port']}", "crawl.number_sample_per_shard=100", "crawl.thread_count=8",
         *overrides])
+
+
+@pytest.fixture(scope="session")
+def crawled(small_web, tmp_path_factory):
+    """``small_web`` crawled once (100 URLs per shard); tests copy it with ``copy_crawl``."""
+    from pipeline.runner import run_stages
+    from stages import STAGES
+
+    run_dir = tmp_path_factory.mktemp("crawled") / "run"
+    run_stages(web_config(small_web, run_dir), STAGES, only=["crawl"])
+    return run_dir
+
+
+def copy_crawl(crawled_run: Path, run_dir: Path) -> Path:
+    """A new run directory holding a copy of a finished crawl (records and all)."""
+    import shutil
+
+    shutil.copytree(crawled_run / "crawl", run_dir / "crawl")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A convnet5 teacher with random weights (grey 28 px, 10 classes) and its spec as --set overrides."""
+    import torch
+
+    from pipeline.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "convnet5.pt"
+    torch.save(create_model("convnet5", num_classes=10, in_chans=1, width=8).state_dict(), path)
+    return {"path": path, "overrides": [
+        "teacher.format=webdistill", "teacher.arch=convnet5", "teacher.arch_kwargs={width: 8}",
+        f"teacher.checkpoint={path}", "teacher.class_names=[zero, one, two, three, four, five, six, seven, eight, nine]",
+        "teacher.input_size=28", "teacher.channels=1", "teacher.mean=[0.13]", "teacher.std=[0.31]"]}
