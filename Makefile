@@ -49,8 +49,9 @@ status: setup  ## show which stages of runs/demo are done, stale or missing
 test: setup  ## run the test suite
 	$(PY) -m pytest -q
 
-bench: demo-data  ## benchmarks: crawl stage vs raw img2dataset on the demo URL list
+bench: teacher  ## benchmarks: crawl stage vs raw img2dataset, score stage vs bare forward pass
 	$(PY) bench/bench_crawl.py --config $(CONFIG)
+	$(PY) bench/bench_score.py --config $(CONFIG)
 
 clean:  ## remove run outputs and demo data (keeps .venv)
 	rm -rf runs demo_data bench/work

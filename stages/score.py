@@ -21,7 +21,6 @@ and rank 0 merges the parts: the result does not depend on the number of process
 """
 
 import io
-import json
 import logging
 import time
 from collections import Counter
@@ -36,8 +35,16 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from manifests import (CRAWL, SCORE, SCORE_FAILURES, atomic_write_bytes, atomic_write_json, concat_arrays,
-                       read_manifest, write_manifest)
+from manifests import (
+    CRAWL,
+    SCORE,
+    SCORE_FAILURES,
+    atomic_write_bytes,
+    atomic_write_json,
+    concat_arrays,
+    read_manifest,
+    write_manifest,
+)
 from pipeline import devices
 from pipeline.config import Config, ScoreConfig
 from pipeline.errors import UserError
@@ -86,11 +93,16 @@ def make_loader(shards: list[Path], transforms: list, batch_size: int, num_worke
     dataset = wds.DataPipeline(
         wds.SimpleShardList([str(s) for s in shards]),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_damaged_tar),
+        # only the image of each sample is read: the uid comes from the crawl manifest by key
+        wds.tarfile_to_samples(handler=_damaged_tar, select_files=_is_image),
         wds.map(partial(decode_sample, transforms=transforms, placeholders=placeholders)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     return wds.WebLoader(dataset, batch_size=None, num_workers=min(num_workers, len(shards)), pin_memory=pin_memory)
+
+
+def _is_image(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS
 
 
 # ---------------------------------------------------------------- per-shard results
@@ -225,7 +237,7 @@ def score_shards(shards: list[Path], expected: dict[str, dict[str, str]], scorer
     return images
 
 
-def _expected_by_shard(crawl: pd.DataFrame) -> dict[str, dict[str, str]]:
+def expected_by_shard(crawl: pd.DataFrame) -> dict[str, dict[str, str]]:
     ok = crawl[crawl["status"] == "success"]
     return {Path(shard).name: dict(zip(group["key"], group["uid"])) for shard, group in ok.groupby("shard", sort=True)}
 
@@ -290,7 +302,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     out = run_dir.stage_dir("score")
     crawl_dir = run_dir.stage_dir("crawl")
     crawl = read_manifest(crawl_dir / "manifest.parquet", CRAWL, columns=["uid", "status", "shard", "key"])
-    expected = _expected_by_shard(crawl)
+    expected = expected_by_shard(crawl)
     if not expected:
         raise UserError(f"score: the crawl manifest {crawl_dir / 'manifest.parquet'} lists no downloaded image")
     shards = sorted(expected)

@@ -1,5 +1,6 @@
-"""`make all` on a copy of the repository: set-up skipped (stamp), demo built, every built stage run."""
+"""`make all` on a copy of the repository: set-up skipped (stamp), demo and teacher built, every built stage run."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,12 +41,19 @@ def test_make_all_runs_the_built_stages_and_names_the_missing_ones(checkout):
     log = first.stdout + first.stderr
     assert "✓ demo data: demo_data (private train 4000 / test 1000; 10,200 URLs, 200 broken)" in log
     assert "crawl: 10,200 attempted, 10,000 succeeded, 200 failed" in log
-    assert "not built yet: score, filter, perturb, distill, evaluate, report" in log
-    assert (checkout / "runs" / "demo" / "crawl" / "_SUCCESS.json").is_file()
+    teacher = json.loads((checkout / "demo_data" / "teacher" / "_SUCCESS.json").read_text())
+    assert teacher["test_accuracy"] >= 0.985 and teacher["test_images"] == 1000
+    assert f"✓ demo teacher: top-1 {100 * teacher['test_accuracy']:.2f}% on the 1000 private test images" in log
+    assert "score: 10,000 images, 10,000 scored, 0 could not be used" in log
+    assert "not built yet: filter, perturb, distill, evaluate, report" in log
+    for stage in ("crawl", "score"):
+        assert (checkout / "runs" / "demo" / stage / "_SUCCESS.json").is_file()
 
     again = make(checkout, "all")
     log = again.stdout + again.stderr
     assert again.returncode == 0
     assert "demo data: already built" in log
+    assert "demo teacher: up to date, skipped" in log
     assert "crawl: up to date, skipped" in log
+    assert "score: up to date, skipped" in log
     assert "crawl     done       attempted 10,200, succeeded 10,000, failed 200" in log

@@ -52,9 +52,11 @@ def assert_same_outputs(a, b):
     pd.testing.assert_frame_equal(fa, fb)
 
 
-def read_shard_images(shards_dir):
-    """(uid, PIL image) of every image in the crawl shards, read with tarfile and PIL only."""
+def read_shard_images(shards_dir, names=None):
+    """(uid, PIL image) of every image in the crawl shards (or the ``names`` ones), with tarfile and PIL only."""
     for tar_path in sorted(shards_dir.glob("*.tar")):
+        if names is not None and tar_path.name not in names:
+            continue
         with tarfile.open(tar_path) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for name in sorted(members):

@@ -1,5 +1,7 @@
 """Every teacher format loads from local files, and every mismatch gets one clear message."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -200,7 +202,7 @@ def test_input_size_that_does_not_fit_is_reported(tmp_path):
 def test_spec_file_is_merged_under_the_config_keys(tmp_path, resnet8_file):
     folder = tmp_path / "teacher"
     folder.mkdir()
-    (folder / "weights.pt").write_bytes(open(resnet8_file, "rb").read())
+    (folder / "weights.pt").write_bytes(Path(resnet8_file).read_bytes())
     (folder / "classes.txt").write_text("\n".join(NAMES10) + "\n")
     (folder / "spec.yaml").write_text(yaml.safe_dump(
         {"format": "webdistill", "arch": "resnet8", "checkpoint": "weights.pt", "class_names": "classes.txt",
