@@ -4,16 +4,8 @@ Stages exchange only WebDataset shards, parquet manifests keyed by ``uid`` and r
 ``.npy`` arrays. Everything that crosses a stage boundary is described here.
 """
 
-from manifests.io import (
-                          ManifestError,
-                          atomic_write_array,
-                          atomic_write_bytes,
-                          atomic_write_json,
-                          concat_arrays,
-                          read_array,
-                          read_manifest,
-                          write_manifest,
-)
+from manifests.io import (ManifestError, atomic_write_bytes, atomic_write_json, concat_arrays, read_array,
+                          read_manifest, write_manifest)
 from manifests.schemas import CRAWL, SCHEMAS, SCORE, SCORE_FAILURES, ManifestSchema
 from manifests.uid import uid_for
 
@@ -24,7 +16,6 @@ __all__ = [
     "SCORE_FAILURES",
     "ManifestError",
     "ManifestSchema",
-    "atomic_write_array",
     "atomic_write_bytes",
     "atomic_write_json",
     "concat_arrays",

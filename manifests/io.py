@@ -43,11 +43,6 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def atomic_write_array(path: Path, array: np.ndarray) -> None:
-    """One ``.npy`` array, written atomically."""
-    concat_arrays(path, [array])
-
-
 def concat_arrays(path: Path, parts: list[np.ndarray]) -> None:
     """Row-wise concatenation of ``parts`` into one ``.npy`` file, streamed through a memory map
     (the whole array is never in memory) and renamed into place when complete."""
