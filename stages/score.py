@@ -253,8 +253,11 @@ def merge_parts(out: Path, shards: list[str], expected: dict[str, dict[str, str]
         with np.load(arrays_file) as z:
             for name in z.files:
                 arrays.setdefault(name, []).append(z[name])
-    manifest = pd.concat([m for m in manifests if len(m)], ignore_index=True)
     failed = pd.concat(failures, ignore_index=True)
+    if not any(len(m) for m in manifests):
+        reasons = ", ".join(f"{r} {n}" for r, n in Counter(failed["reason"]).most_common())
+        raise UserError(f"score: not one crawled image could be used ({reasons}); see {out / 'parts'}/*.failures.parquet")
+    manifest = pd.concat([m for m in manifests if len(m)], ignore_index=True)
     accounted = set(manifest["uid"]) | set(failed["uid"])
     wanted = {uid for keys in expected.values() for uid in keys.values()}
     if accounted != wanted or len(manifest) + len(failed) != len(wanted):

@@ -139,17 +139,20 @@ def test_broken_images_and_damaged_shards_are_recorded_not_fatal(small_web, craw
     shards = sorted((run_dir / "crawl" / "shards").glob("*.tar"))
     crawl = read_manifest(run_dir / "crawl" / "manifest.parquet", CRAWL)
     ok = crawl[crawl["status"] == "success"]
-    # shard 0: one image truncated to garbage; shard 1: the tar cut off half-way
+    # shard 0: one image truncated to garbage; shard 1: the tar cut off half-way; shard 2: no image decodes
     victim = ok[ok["shard"] == "shards/00000.tar"].iloc[3]
     _rewrite_tar(shards[0], lambda ms: [(m, d[:40] if m.name == f"{victim['key']}.jpg" else d) for m, d in ms])
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])
+    _rewrite_tar(shards[2], lambda ms: [(m, b"<html>" if m.name.endswith(".jpg") else d) for m, d in ms])
+    in_shard2 = ok.loc[ok["shard"] == "shards/00002.tar", "uid"]
 
     run_stages(score_config(small_web, tiny_teacher, run_dir), STAGES, only=["score"])
     manifest, arrays, failures = outputs(run_dir)
     decode = failures[failures["reason"] == "decode_error"]
-    assert list(decode["uid"]) == [victim["uid"]]
-    assert "truncated" in decode["error"].iloc[0].lower()
+    assert set(decode["uid"]) == {victim["uid"], *in_shard2}
+    assert "truncated" in decode.set_index("uid").loc[victim["uid"], "error"].lower()
+    assert "cannot identify image" in decode.set_index("uid").loc[in_shard2.iloc[0], "error"]
     missing = failures[failures["reason"] == "missing_from_shard"]
     assert 10 < len(missing) < (ok["shard"] == "shards/00001.tar").sum()
     assert (missing["shard"] == "shards/00001.tar").all()
