@@ -247,10 +247,16 @@ def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def fingerprint(cfg: Config, sections: typing.Iterable[str]) -> str:
-    """Hash of the named config sections: a stage is stale when the sections it reads change."""
+def fingerprint(cfg: Config, sections: typing.Iterable[str], files: typing.Iterable[str | None] = ()) -> str:
+    """Hash of the named config sections and of the size and modification time of ``files``:
+    a stage is stale when the config it reads or one of its input files changes."""
     d = to_dict(cfg)
-    blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
+    stamps = {}
+    for f in files:
+        if f and Path(f).is_file():
+            st = Path(f).stat()
+            stamps[str(f)] = [st.st_size, st.st_mtime_ns]
+    blob = json.dumps({**{s: d[s] for s in sections}, "_files": stamps}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

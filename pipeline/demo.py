@@ -121,8 +121,10 @@ def _sklearn_digits(n, rng):
 
     digits = load_digits()
     for i in rng.permutation(np.resize(np.arange(len(digits.target)), n)):
-        arr = np.asarray(Image.fromarray((digits.images[i] * 16).astype(np.uint8)).resize(
-            (28, 28), Image.Resampling.BICUBIC))
+        # ink 0–16 → 0–255, upscaled to 20×20 and centred in 28×28, as MNIST's digits are
+        ink = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((20, 20), Image.Resampling.BICUBIC)
+        arr = np.zeros((28, 28), np.uint8)
+        arr[4:24, 4:24] = np.asarray(ink)
         yield _finish(arr, rng), int(digits.target[i])
 
 
@@ -259,7 +261,7 @@ def build_demo(cfg: Config, force: bool = False) -> Path:
     paths = demo_paths(cfg)
     root = paths["root"]
     settings = {"pool_size": cfg.demo.pool_size, "broken_fraction": cfg.demo.broken_fraction,
-                "seed": cfg.demo.seed, "port": cfg.data.serve_port, "version": 1}
+                "seed": cfg.demo.seed, "port": cfg.data.serve_port, "version": 2}
     done = root / "_SUCCESS.json"
     if not force and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         log.info("✓ demo data: already built in %s (use --force to rebuild)", root)

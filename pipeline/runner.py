@@ -10,6 +10,7 @@ import logging
 import platform
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -40,6 +41,12 @@ class StageSpec:
     # True: under torchrun every rank runs the stage function (it splits the work itself);
     # False: rank 0 runs it alone while the other ranks wait
     distributed: bool = False
+    # files outside the run directory the stage reads (a URL list, a checkpoint): a new
+    # version of one (size or modification time) makes the stage stale, like a config change
+    input_files: Callable[[Config], list[str | None]] | None = None
+
+    def fingerprint(self, cfg: Config) -> str:
+        return fingerprint(cfg, self.reads_config, self.input_files(cfg) if self.input_files else ())
 
     def function(self):
         module, _, name = self.module.partition(":")
@@ -81,8 +88,8 @@ def stage_states(cfg: Config, run: RunDir, specs: list[StageSpec]) -> dict[str, 
             states[spec.name] = StageState(spec.name, "missing", why, None)
             continue
         why = ""
-        if record.get("config_fingerprint") != fingerprint(cfg, spec.reads_config):
-            why = f"config changed ({', '.join(spec.reads_config)})"
+        if record.get("config_fingerprint") != spec.fingerprint(cfg):
+            why = f"config or input files changed ({', '.join(spec.reads_config)})"
         for u in spec.upstream:
             up = states.get(u)
             if up is None or up.status != "done":
@@ -113,7 +120,7 @@ def format_status(cfg: Config, run: RunDir, specs: list[StageSpec]) -> str:
 def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict | None:
     """Run one stage and write its record. Under torchrun rank 0 alone opens and closes the
     stage folder; the barriers keep the other ranks from reading it in between."""
-    started = {"config_fingerprint": fingerprint(cfg, spec.reads_config), "upstream": _upstream_ids(run, spec)}
+    started = {"config_fingerprint": spec.fingerprint(cfg), "upstream": _upstream_ids(run, spec)}
     resumed = False
     if devices.is_main():
         _, resumed = run.begin(spec.name, started, resume=not force)

@@ -10,9 +10,11 @@ from pipeline.runner import StageSpec
 
 STAGES = [
     StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest",
-              reads_config=("data", "crawl"), upstream=(), module="stages.crawl"),
+              reads_config=("data", "crawl"), upstream=(), module="stages.crawl",
+              input_files=lambda cfg: [cfg.data.url_list] if cfg.data.source == "urls" else []),
     StageSpec("score", "teacher pseudo-labels, features, open_clip embeddings",
-              reads_config=("teacher", "score"), upstream=("crawl",), module="stages.score", distributed=True),
+              reads_config=("teacher", "score"), upstream=("crawl",), module="stages.score", distributed=True,
+              input_files=lambda cfg: [cfg.teacher.checkpoint, cfg.teacher.spec_file]),
     StageSpec("filter", "FAISS distribution matching and inverse-propensity weights",
               reads_config=(), upstream=("score",)),
     StageSpec("perturb", "MixDistribution images of the selected samples",

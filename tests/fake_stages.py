@@ -25,6 +25,6 @@ def second(cfg, run_dir):
 SPECS = [
     StageSpec("first", "first fake stage", reads_config=("crawl",), upstream=(), module="tests.fake_stages:first"),
     StageSpec("second", "second fake stage", reads_config=("data",), upstream=("first",),
-              module="tests.fake_stages:second"),
+              module="tests.fake_stages:second", input_files=lambda cfg: [cfg.data.url_list]),
     StageSpec("third", "not built", reads_config=(), upstream=("second",)),
 ]

@@ -62,7 +62,7 @@ def test_config_change_makes_a_stage_and_its_followers_stale(tmp_path):
     run_stages(cfg_for(tmp_path), SPECS)
     changed = cfg_for(tmp_path, "crawl.timeout=3")
     states = stage_states(changed, RunDir(changed.run_dir), SPECS)
-    assert states["first"].why == "config changed (crawl)"
+    assert states["first"].why == "config or input files changed (crawl)"
     assert states["second"].why == "upstream first is stale"
     run_stages(changed, SPECS)
     assert len(calls(tmp_path)) == 4
@@ -70,6 +70,18 @@ def test_config_change_makes_a_stage_and_its_followers_stale(tmp_path):
     # a section only the second stage reads leaves the first one done
     assert statuses(cfg_for(tmp_path, "crawl.timeout=3", "data.url_col=link")) == {
         "first": "done", "second": "stale", "third": "not built"}
+
+
+def test_a_new_version_of_an_input_file_makes_the_stage_stale(tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://a/1.jpg\n")
+    cfg = cfg_for(tmp_path, f"data.url_list={urls}")
+    run_stages(cfg, SPECS)
+    assert statuses(cfg)["second"] == "done"
+    urls.write_text("http://a/1.jpg\nhttp://a/2.jpg\n")  # same path, new content
+    states = stage_states(cfg, RunDir(cfg.run_dir), SPECS)
+    assert (states["first"].status, states["second"].status) == ("done", "stale")
+    assert states["second"].why == "config or input files changed (data)"
 
 
 def test_interrupted_stage_is_not_complete_and_resumes_only_with_same_inputs(tmp_path):
