@@ -323,7 +323,7 @@ def _open_clip_teacher(spec: TeacherConfig, names: list[str]) -> tuple[nn.Module
 
     if not spec.arch:
         raise UserError("teacher.arch is not set: name the open_clip model, e.g. ViT-B-32")
-    clip, preprocess = create_open_clip(spec.arch, spec.checkpoint, "teacher")
+    clip, preprocess = create_open_clip(spec.arch, str(_checkpoint_path(spec)), "teacher")
     tokenizer = open_clip.get_tokenizer(spec.arch)
     with torch.no_grad():
         text = clip.encode_text(tokenizer([spec.prompt_template.format(n) for n in names]))

@@ -227,3 +227,12 @@ def test_grey_transform_resizes_and_normalises(tmp_path):
     x = teacher.transform(Image.new("RGB", (64, 64), (255, 255, 255)))
     assert x.shape == (1, 28, 28)
     torch.testing.assert_close(x, torch.full((1, 28, 28), 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_a_pretrained_tag_is_never_downloaded():
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by importing pipeline
+    with pytest.raises(UserError, match=r"open_clip checkpoint laion2b_s34b_b79k not found \(no downloads here"):
+        load_teacher(TeacherConfig(format="open_clip", arch="ViT-B-32", checkpoint="laion2b_s34b_b79k",
+                                   class_names=["a", "b"]))
