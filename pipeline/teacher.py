@@ -93,7 +93,8 @@ def _checkpoint_path(spec: TeacherConfig) -> Path:
         raise UserError(f"teacher.checkpoint is not set: format {spec.format} needs a local weights file")
     path = Path(spec.checkpoint)
     if not path.is_file():
-        raise UserError(f"teacher checkpoint {path} not found (for the demo, `make teacher` trains and writes it)")
+        raise UserError(f"teacher checkpoint {path} not found: teachers load from local files only, nothing is "
+                        "downloaded (the demo's teacher is written by `make teacher`)")
     if spec.sha256 and _sha256(path) != spec.sha256:
         raise UserError(f"teacher checkpoint {path}: sha256 differs from teacher.sha256 {spec.sha256[:12]}…: "
                         "the file was changed or is not the one the spec describes")
