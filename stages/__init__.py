@@ -1,9 +1,10 @@
 """The pipeline's stages, one module each, in the order they run.
 
 Each stage module exposes ``run(cfg, run_dir) -> counts``: it reads the outputs of its upstream
-stages from the run directory and writes its own folder there. A ``distributed`` stage runs on
-every torchrun rank and splits its work by ``pipeline.devices.rank()``; the others run on rank 0. The runner (``pipeline.runner``)
-decides what to run, skip or resume; a stage only does its own work.
+stages from the run directory and writes its own folder there. The runner (``pipeline.runner``)
+decides what to run, skip or resume; a stage only does its own work. A ``distributed`` stage
+runs on every torchrun rank and splits its work by ``pipeline.devices.rank()``; the others run
+on rank 0 alone.
 """
 
 from pipeline.runner import StageSpec
