@@ -186,12 +186,12 @@ class FeatureTap(nn.Module):
         self.net = net
         self._features = None
         modules = dict(net.named_modules())
+        linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+        self.classifier = linears[-1] if linears else None
         if layer == "auto":
-            linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
-            if not linears:
+            if self.classifier is None:
                 raise UserError(f"{where}: no nn.Linear classifier found: set teacher.feature_layer to the module "
                                 f"whose output is the penultimate feature vector")
-            self.classifier = linears[-1]
             self.classifier.register_forward_pre_hook(self._keep_input)
         else:
             if layer not in modules:
@@ -200,8 +200,6 @@ class FeatureTap(nn.Module):
                 close = difflib.get_close_matches(layer, list(modules), n=3)
                 raise UserError(f"{where}: teacher.feature_layer {layer!r} is not a module of the model"
                                 + (f"; close: {', '.join(close)}" if close else ""))
-            linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
-            self.classifier = linears[-1] if linears else None
             modules[layer].register_forward_hook(self._keep_output)
 
     def _keep_input(self, module, inputs):
