@@ -127,13 +127,13 @@ def main():
         "score_stage_img_s": round(n / statistics.median(stage), 1),
     }
 
-    embedder = load_embedder("ViT-S-32", "random", device)
+    embedder = load_embedder("ViT-S-32", "random", teacher.class_names, cfg.teacher.prompt_template, device)
     shard_names = sorted(p.name for p in shards_dir.glob("*.tar"))[: args.embedder_shards]
-    inputs = in_memory_inputs(shards_dir, [teacher.transform, embedder[1]], shard_names)
+    inputs = in_memory_inputs(shards_dir, [teacher.transform, embedder.transform], shard_names)
     n_emb = len(inputs[0])
     bare_e, loop_e = [], []
     for i in range(args.repeats):
-        bare_e.append(bare_forward([lambda x: teacher.model(x), embedder[0]], inputs, bs, device))
+        bare_e.append(bare_forward([lambda x: teacher.model(x), embedder.encoder], inputs, bs, device))
         seconds, images = loop_run(cfg, crawl_run, shard_names, embedder)
         assert images == n_emb
         loop_e.append(seconds)

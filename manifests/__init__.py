@@ -4,9 +4,9 @@ Stages exchange only WebDataset shards, parquet manifests keyed by ``uid`` and r
 ``.npy`` arrays. Everything that crosses a stage boundary is described here.
 """
 
-from manifests.io import (ManifestError, atomic_write_bytes, atomic_write_json, concat_arrays, read_array,
-                          read_manifest, write_manifest)
-from manifests.schemas import CRAWL, SCHEMAS, SCORE, SCORE_FAILURES, ManifestSchema
+from manifests.io import (ManifestError, atomic_write_bytes, atomic_write_json, concat_arrays, expand_shards,
+                          read_array, read_manifest, write_manifest)
+from manifests.schemas import CRAWL, SCHEMAS, SCORE, SCORE_FAILURES, SELECTION, ManifestSchema
 from manifests.uid import uid_for
 
 __all__ = [
@@ -14,11 +14,13 @@ __all__ = [
     "SCHEMAS",
     "SCORE",
     "SCORE_FAILURES",
+    "SELECTION",
     "ManifestError",
     "ManifestSchema",
     "atomic_write_bytes",
     "atomic_write_json",
     "concat_arrays",
+    "expand_shards",
     "read_array",
     "read_manifest",
     "uid_for",

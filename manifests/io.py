@@ -64,6 +64,21 @@ def concat_arrays(path: Path, parts: list[np.ndarray]) -> None:
         raise
 
 
+def expand_shards(pattern: str | None, what: str, must_exist: bool = True) -> list[Path]:
+    """The files named by a brace pattern (``ref-{000..003}.tar``, as WebDataset writes them) or a
+    glob, sorted; none at all is an error naming the setting ``what`` unless ``must_exist`` is off."""
+    import glob
+
+    import braceexpand
+
+    if not pattern:
+        return []
+    paths = sorted({Path(p) for part in braceexpand.braceexpand(pattern) for p in glob.glob(part)})
+    if not paths and must_exist:
+        raise UserError(f"{what} {pattern!r} matches no file")
+    return paths
+
+
 def read_array(path: Path, rows: int, what: str, mmap: bool = True) -> np.ndarray:
     """A row-aligned array, checked to have one row per manifest row."""
     path = Path(path)

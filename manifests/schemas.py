@@ -82,4 +82,29 @@ SCORE_FAILURES = ManifestSchema(
     ),
 )
 
-SCHEMAS = {s.name: s for s in (CRAWL, SCORE, SCORE_FAILURES)}
+SELECTION = ManifestSchema(
+    name="selection",
+    version=1,
+    # one row per scored image, in the order of the score manifest: which ones the student learns from
+    schema=pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),
+            pa.field("shard", pa.string(), nullable=False),  # crawl shard (relative to the crawl folder)
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("pseudo_label", pa.int32(), nullable=False),  # the teacher's, from the score manifest
+            pa.field("keep", pa.bool_(), nullable=False),
+            # per-sample loss weight = 1/propensity, normalised to mean 1 over the kept samples and
+            # clipped; 0 for a dropped sample
+            pa.field("weight", pa.float32(), nullable=False),
+            pa.field("propensity", pa.float32()),  # estimated P(machine domain | x); null when dropped
+            pa.field("propensity_formula", pa.string(), nullable=False),  # filter.propensity that made it
+            pa.field("nearest_class", pa.int32()),  # class of the nearest reference prototype, if it has classes
+            pa.field("agrees", pa.bool_()),  # nearest_class == pseudo_label (null without classes)
+            pa.field("similarity", pa.float32(), nullable=False),  # to the reference; higher: more alike
+            pa.field("density_ratio", pa.float32()),  # kNN estimate of p_reference / p_pool (reference_set)
+            pa.field("reason", pa.string()),  # why a sample was dropped; null when kept
+        ]
+    ),
+)
+
+SCHEMAS = {s.name: s for s in (CRAWL, SCORE, SCORE_FAILURES, SELECTION)}

@@ -54,6 +54,8 @@ def cli(quiet):
     # under torchrun only rank 0 reports progress; the other ranks speak up for warnings
     logging.basicConfig(level=logging.WARNING if quiet or not is_main() else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for chatty in ("faiss.loader", "matplotlib"):  # which CPU build faiss loads; matplotlib's font cache
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @cli.command("run")

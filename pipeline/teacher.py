@@ -47,6 +47,9 @@ class Teacher:
     # the classifier's weight (classes × feature_dim) and bias: one prototype per class
     classifier: tuple[np.ndarray, np.ndarray | None] | None
     description: str
+    # mean and std per feature that the teacher's BatchNorm statistics imply for its private
+    # training data (``bn_feature_prior``), or None when no BatchNorm feeds the features
+    feature_prior: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -357,8 +360,9 @@ def _input_spec(spec: TeacherConfig, model: nn.Module):
     return ImageTransform(size, spec.channels, mean, std), size, spec.channels
 
 
-def _dry_run(model: nn.Module, size: int, channels: int, names: list[str], where: str) -> int:
-    """One forward pass on a blank batch: the logits must have one column per class name."""
+def _dry_run(model: nn.Module, size: int, channels: int, names: list[str], where: str) -> torch.Tensor:
+    """One forward pass on a blank batch: the logits must have one column per class name.
+    Returns the features of the blank batch."""
     try:
         with torch.no_grad():
             logits, features = model(torch.zeros(2, channels, size, size))
@@ -370,7 +374,34 @@ def _dry_run(model: nn.Module, size: int, channels: int, names: list[str], where
     if logits.ndim != 2 or logits.shape[1] != len(names):
         raise UserError(f"{where}: the model gives {tuple(logits.shape[1:])} logits per image but "
                         f"teacher.class_names lists {len(names)} classes")
-    return features.shape[1]
+    return features
+
+
+def bn_feature_prior(model: nn.Module, feature_dim: int, rectified: bool) -> dict | None:
+    """Mean and std of each penultimate feature on the teacher's training data, from the running
+    statistics of the last BatchNorm with one channel per feature (DeepInversion's insight: BN
+    layers remember the training distribution). On its training data that BN's output is close to
+    N(bias, weight²) per channel; when the features are rectified (ReLU, then pooling) these are
+    the moments of the rectified Gaussian. Pooling over positions shrinks the spread, so the std is
+    an upper bound: a density that ranks samples, not a calibrated likelihood."""
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features == feature_dim
+              and m.running_var is not None]
+    if not layers:
+        return None
+    name, bn = layers[-1]
+    with torch.no_grad():
+        beta = bn.bias.double() if bn.affine else torch.zeros(feature_dim, dtype=torch.float64)
+        gamma = bn.weight.double().abs() if bn.affine else torch.ones(feature_dim, dtype=torch.float64)
+        gamma = gamma.clamp_min(1e-6)
+        mean, std = beta, gamma
+        if rectified:  # moments of max(0, y), y ~ N(beta, gamma²)
+            a = beta / gamma
+            cdf, pdf = torch.special.ndtr(a), torch.exp(-a * a / 2) / np.sqrt(2 * np.pi)
+            mean = beta * cdf + gamma * pdf
+            second = (beta ** 2 + gamma ** 2) * cdf + beta * gamma * pdf
+            std = (second - mean ** 2).clamp_min(1e-12).sqrt()
+    return {"mean": mean.float().numpy(), "std": std.float().numpy(), "layer": name, "rectified": rectified}
 
 
 def load_teacher(spec: TeacherConfig, device: torch.device | str = "cpu") -> Teacher:
@@ -380,7 +411,8 @@ def load_teacher(spec: TeacherConfig, device: torch.device | str = "cpu") -> Tea
     names = class_names(spec)
     model, description = _LOADERS[spec.format](spec, names)
     transform, size, channels = _input_spec(spec, model)
-    feature_dim = _dry_run(model, size, channels, names, f"teacher ({description})")
+    blank_features = _dry_run(model, size, channels, names, f"teacher ({description})")
+    feature_dim = blank_features.shape[1]
     classifier = None
     if spec.format == "open_clip":
         classifier = (model.text_features.numpy(), None)
@@ -389,13 +421,30 @@ def load_teacher(spec: TeacherConfig, device: torch.device | str = "cpu") -> Tea
         classifier = (fc.weight.detach().numpy().copy(), None if fc.bias is None else fc.bias.detach().numpy().copy())
     log.info("teacher: %s; %d classes, %d×%d×%d input, %d-d features", description, len(names), channels, size, size,
              feature_dim)
-    return Teacher(model.to(device).eval(), names, transform, size, channels, feature_dim, classifier, description)
+    prior = bn_feature_prior(model, feature_dim, rectified=bool((blank_features >= 0).all()))
+    return Teacher(model.to(device).eval(), names, transform, size, channels, feature_dim, classifier, description,
+                   prior)
 
 
-def load_embedder(model_name: str, checkpoint: str | None, device: torch.device | str = "cpu"):
-    """(image encoder, transform, dimension) of the open_clip embedder of the score stage."""
+@dataclass
+class Embedder:
+    """The open_clip embedder of the score stage: its image tower and the class prompts' embeddings."""
+
+    encoder: nn.Module  # images -> embeddings (not yet normalised)
+    transform: object
+    dim: int
+    text_embeddings: np.ndarray  # classes × dim, L2-normalised: the filter's clip_text reference
+
+
+def load_embedder(model_name: str, checkpoint: str | None, class_names: list[str], prompt_template: str,
+                  device: torch.device | str = "cpu") -> Embedder:
+    """The open_clip embedder, with the embeddings of ``prompt_template`` for each class name."""
+    import open_clip
+
     clip, preprocess = create_open_clip(model_name, checkpoint, "score.embedder")
     if checkpoint == "random":
         log.warning("score embedder %s has random weights: its embeddings are for benchmarking only", model_name)
-    encoder = clip.visual.eval().to(device)
-    return encoder, preprocess, clip.visual.output_dim
+    with torch.no_grad():
+        tokens = open_clip.get_tokenizer(model_name)([prompt_template.format(n) for n in class_names])
+        text = nn.functional.normalize(clip.encode_text(tokens).float(), dim=-1).numpy()
+    return Embedder(clip.visual.eval().to(device), preprocess, clip.visual.output_dim, text)

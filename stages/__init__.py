@@ -7,6 +7,7 @@ runs on every torchrun rank and splits its work by ``pipeline.devices.rank()``; 
 on rank 0 alone.
 """
 
+from manifests import expand_shards
 from pipeline.runner import StageSpec
 
 STAGES = [
@@ -15,9 +16,11 @@ STAGES = [
               input_files=lambda cfg: [cfg.data.url_list] if cfg.data.source == "urls" else []),
     StageSpec("score", "teacher pseudo-labels, features, open_clip embeddings",
               reads_config=("teacher", "score"), upstream=("crawl",), module="stages.score", distributed=True,
-              input_files=lambda cfg: [cfg.teacher.checkpoint, cfg.teacher.spec_file]),
+              input_files=lambda cfg: [cfg.teacher.checkpoint, cfg.teacher.spec_file]
+              + expand_shards(cfg.score.reference_shards, "score.reference_shards", must_exist=False)),
     StageSpec("filter", "FAISS distribution matching and inverse-propensity weights",
-              reads_config=(), upstream=("score",)),
+              reads_config=("filter",), upstream=("score",), module="stages.filter",
+              input_files=lambda cfg: [cfg.filter.diagnostics_sources]),
     StageSpec("perturb", "MixDistribution images of the selected samples",
               reads_config=(), upstream=("filter",)),
     StageSpec("distill", "student training", reads_config=(), upstream=("filter", "perturb")),

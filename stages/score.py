@@ -10,6 +10,9 @@ Writes  RUN/score/manifest.parquet    one row per scored image: pseudo-label, co
         RUN/score/failures.parquet    images that could not be used, with the reason
         RUN/score/teacher.json        class names, feature size, what the teacher and embedder are
         RUN/score/classifier.npz      the teacher's classifier weight/bias: one prototype per class
+        RUN/score/feature_prior.npz   feature mean/std implied by the teacher's BatchNorm (if it has one)
+        RUN/score/text_embeddings.npy the embedder's embedding of each class prompt (if configured)
+        RUN/score/reference.npz       the same arrays for score.reference_shards (if configured)
         RUN/score/summary.json
         RUN/score/parts/              per-shard results: the unit of resume
 
@@ -42,6 +45,7 @@ from manifests import (
     atomic_write_bytes,
     atomic_write_json,
     concat_arrays,
+    expand_shards,
     read_manifest,
     write_manifest,
 )
@@ -49,7 +53,7 @@ from pipeline import devices
 from pipeline.config import Config, ScoreConfig
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
-from pipeline.teacher import Teacher, load_embedder, load_teacher
+from pipeline.teacher import Embedder, Teacher, load_embedder, load_teacher
 
 log = logging.getLogger("webdistill.score")
 
@@ -60,7 +64,8 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 def decode_sample(sample: dict, transforms: list, placeholders: list[torch.Tensor]) -> dict:
     """A WebDataset sample → its model inputs; a sample that does not decode keeps its error."""
-    out = {"key": sample["__key__"], "shard": Path(sample["__url__"]).name, "error": None}
+    out = {"key": sample["__key__"], "shard": Path(sample["__url__"]).name, "error": None,
+           "label": int(sample["cls"]) if "cls" in sample else -1}
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     try:
         if data is None:
@@ -77,7 +82,7 @@ def decode_sample(sample: dict, transforms: list, placeholders: list[torch.Tenso
 
 def collate(samples: list[dict]) -> dict:
     return {"key": [s["key"] for s in samples], "shard": [s["shard"] for s in samples],
-            "error": [s["error"] for s in samples],
+            "error": [s["error"] for s in samples], "label": [s["label"] for s in samples],
             "inputs": [torch.stack([s["inputs"][i] for s in samples]) for i in range(len(samples[0]["inputs"]))]}
 
 
@@ -87,14 +92,16 @@ def _damaged_tar(exn: Exception) -> bool:
     return True
 
 
-def make_loader(shards: list[Path], transforms: list, batch_size: int, num_workers: int, pin_memory: bool):
-    """Batches of decoded images from ``shards``, each shard read whole by one worker."""
+def make_loader(shards: list[Path], transforms: list, batch_size: int, num_workers: int, pin_memory: bool,
+                with_labels: bool = False):
+    """Batches of decoded images from ``shards`` (and their ``.cls`` labels, if asked), each shard
+    read whole by one worker."""
     placeholders = [torch.zeros_like(t(Image.new("RGB", (8, 8)))) for t in transforms]
     dataset = wds.DataPipeline(
         wds.SimpleShardList([str(s) for s in shards]),
         wds.split_by_worker,
         # only the image of each sample is read: the uid comes from the crawl manifest by key
-        wds.tarfile_to_samples(handler=_damaged_tar, select_files=_is_image),
+        wds.tarfile_to_samples(handler=_damaged_tar, select_files=_is_labelled_image if with_labels else _is_image),
         wds.map(partial(decode_sample, transforms=transforms, placeholders=placeholders)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
@@ -103,6 +110,10 @@ def make_loader(shards: list[Path], transforms: list, batch_size: int, num_worke
 
 def _is_image(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS
+
+
+def _is_labelled_image(name: str) -> bool:
+    return _is_image(name) or name.endswith(".cls")
 
 
 # ---------------------------------------------------------------- per-shard results
@@ -183,11 +194,11 @@ def write_part(parts: Path, result: ShardResult, class_names: list[str], top_k: 
 class Scorer:
     """The teacher (and embedder) on one device, from a batch of inputs to per-image arrays."""
 
-    def __init__(self, teacher: Teacher, settings: ScoreConfig, device: torch.device, embedder=None):
-        """``embedder``: (image encoder, its transform, dimension) from ``load_embedder``, or None."""
+    def __init__(self, teacher: Teacher, settings: ScoreConfig, device: torch.device, embedder: Embedder | None = None):
         self.teacher, self.settings, self.device = teacher, settings, device
-        self.embedder, embedder_transform, self.embedder_dim = embedder or (None, None, None)
-        self.transforms = [teacher.transform] + ([embedder_transform] if embedder else [])
+        self.embedder = embedder.encoder if embedder else None
+        self.embedder_dim = embedder.dim if embedder else None
+        self.transforms = [teacher.transform] + ([embedder.transform] if embedder else [])
         self.feature_dtype = np.dtype(settings.feature_dtype)
 
     @torch.inference_mode()
@@ -271,6 +282,43 @@ def merge_parts(out: Path, shards: list[str], expected: dict[str, dict[str, str]
     return manifest, failed
 
 
+def _save_npz(path: Path, arrays: dict) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _write_references(out: Path, teacher: Teacher, embedder: Embedder | None) -> None:
+    """What the teacher and embedder know of the private distribution, for the filter."""
+    if teacher.classifier is not None:
+        weight, bias = teacher.classifier
+        _save_npz(out / "classifier.npz", {"weight": weight, **({"bias": bias} if bias is not None else {})})
+    if teacher.feature_prior is not None:
+        _save_npz(out / "feature_prior.npz", teacher.feature_prior)
+    if embedder is not None:
+        _save_npz(out / "text_embeddings.npz", {"embeddings": embedder.text_embeddings})
+
+
+def score_reference(shards: list[Path], scorer: Scorer) -> dict[str, np.ndarray]:
+    """A small reference set through the teacher (and embedder): its arrays and ``.cls`` labels
+    (-1 where a sample has none), in memory: a reference set is a few images per class."""
+    settings = scorer.settings
+    loader = make_loader(shards, scorer.transforms, settings.batch_size, settings.num_workers,
+                         pin_memory=scorer.device.type == "cuda", with_labels=True)
+    arrays, labels, failed = {}, [], 0
+    for batch in loader:
+        ok = [i for i, e in enumerate(batch["error"]) if e is None]
+        failed += len(batch["error"]) - len(ok)
+        for name, a in (scorer([x[ok] for x in batch["inputs"]]) if ok else {}).items():
+            arrays.setdefault(name, []).append(a)
+        labels += [batch["label"][i] for i in ok]
+    if not labels:
+        raise UserError(f"score.reference_shards: no readable image in {', '.join(map(str, shards))}")
+    if failed:
+        log.warning("score: %d reference image(s) could not be decoded and were left out", failed)
+    return {name: np.concatenate(parts) for name, parts in arrays.items()} | {"labels": np.asarray(labels, np.int64)}
+
+
 def _teacher_info(teacher: Teacher, settings: ScoreConfig, embedder_dim: int | None) -> dict:
     return {"class_names": teacher.class_names, "num_classes": teacher.num_classes,
             "feature_dim": teacher.feature_dim, "input_size": teacher.input_size, "channels": teacher.channels,
@@ -318,7 +366,8 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     teacher = load_teacher(cfg.teacher, device)
     embedder = None
     if cfg.score.embedder_model:
-        embedder = load_embedder(cfg.score.embedder_model, cfg.score.embedder_checkpoint, device)
+        embedder = load_embedder(cfg.score.embedder_model, cfg.score.embedder_checkpoint, teacher.class_names,
+                                 cfg.teacher.prompt_template, device)
     scorer = Scorer(teacher, cfg.score, device, embedder)
     load_seconds = time.time() - t0
 
@@ -340,11 +389,11 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     t2 = time.time()
     manifest, failed = merge_parts(out, shards, expected)
     atomic_write_json(out / "teacher.json", _teacher_info(teacher, cfg.score, scorer.embedder_dim))
-    if teacher.classifier is not None:
-        weight, bias = teacher.classifier
-        buffer = io.BytesIO()
-        np.savez(buffer, weight=weight, **({"bias": bias} if bias is not None else {}))
-        atomic_write_bytes(out / "classifier.npz", buffer.getvalue())
+    _write_references(out, teacher, embedder)
+    if cfg.score.reference_shards:
+        reference = score_reference(expand_shards(cfg.score.reference_shards, 'score.reference_shards'), scorer)
+        _save_npz(out / "reference.npz", reference)
+        log.info("score: %d reference images scored into %s", len(reference["logits"]), out / "reference.npz")
     summary = summarize(manifest, failed, teacher.class_names, seconds, images)
     atomic_write_json(out / "summary.json", summary)
     _log_summary(summary, device)
