@@ -45,8 +45,12 @@ def test_make_all_runs_the_built_stages_and_names_the_missing_ones(checkout):
     assert teacher["test_accuracy"] >= 0.985 and teacher["test_images"] == 1000
     assert f"✓ demo teacher: top-1 {100 * teacher['test_accuracy']:.2f}% on the 1000 private test images" in log
     assert "score: 10,000 images, 10,000 scored, 0 could not be used" in log
-    assert "not built yet: filter, perturb, distill, evaluate, report" in log
-    for stage in ("crawl", "score"):
+    assert "not built yet: perturb, distill, evaluate, report" in log
+    # the filter keeps a purer set than the pool: the teacher's BN prior tells digits from photos
+    truth = json.loads((checkout / "runs" / "demo" / "filter" / "summary.json").read_text())["truth"]
+    assert truth["precision"] > truth["pool_precision"] + 0.15
+    assert "filter: kept 3,000 of 10,000 scored images" in log
+    for stage in ("crawl", "score", "filter"):
         assert (checkout / "runs" / "demo" / stage / "_SUCCESS.json").is_file()
 
     again = make(checkout, "all")
@@ -56,4 +60,5 @@ def test_make_all_runs_the_built_stages_and_names_the_missing_ones(checkout):
     assert "demo teacher: up to date, skipped" in log
     assert "crawl: up to date, skipped" in log
     assert "score: up to date, skipped" in log
+    assert "filter: up to date, skipped" in log
     assert "crawl     done       attempted 10,200, succeeded 10,000, failed 200" in log

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from manifests import CRAWL, SCORE, SCORE_FAILURES, read_array, read_manifest
-from pipeline.config import dump_yaml
+from manifests import CRAWL, SCORE, SCORE_FAILURES, SELECTION, read_array, read_manifest
+from pipeline.config import dump_yaml, load_config, to_dict
+from pipeline.errors import UserError
 from pipeline.models import create_model
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
@@ -30,6 +31,17 @@ from tests.conftest import REPO, copy_crawl, free_port, web_config
 def score_config(small_web, tiny_teacher, run_dir, *overrides):
     return web_config(small_web, run_dir, *tiny_teacher["overrides"], "score.batch_size=32",
                       "score.num_workers=2", *overrides)
+
+
+def cfg_overrides(cfg):
+    """``cfg``'s data, crawl, teacher and score sections as --set overrides."""
+    d = to_dict(cfg)
+    return [f"{section}.{k}={json.dumps(v)}" for section in ("data", "crawl", "teacher", "score")
+            for k, v in d[section].items()]
+
+
+def score_config_from(cfg, run_dir, *overrides):
+    return load_config(None, [f"run_dir={run_dir}", *cfg_overrides(cfg), *overrides])
 
 
 def outputs(run_dir):
@@ -235,11 +247,49 @@ def test_open_clip_embedder_adds_normalised_embeddings(small_web, crawled, tiny_
     np.testing.assert_allclose(np.linalg.norm(arrays["embeddings"].astype(np.float32), axis=1), 1, atol=2e-3)
     info = json.loads((run_dir / "score" / "teacher.json").read_text())
     assert info["embedder"] == {"model": "ViT-S-32", "checkpoint": "random", "dim": 384}
+    with np.load(run_dir / "score" / "text_embeddings.npz") as z:
+        text = z["embeddings"]
+    assert text.shape == (10, 384)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
+
+    # the filter matches the images with the class prompts, in the embedder's space
+    run_stages(load_config(None, [f"run_dir={run_dir}", "filter.vectors=embeddings", "filter.reference=clip_text",
+                                  "filter.policy=none", *cfg_overrides(cfg)]), STAGES, only=["filter"])
+    selection = read_manifest(run_dir / "filter" / "selection.parquet", SELECTION)
+    cosine = arrays["embeddings"].astype(np.float32) @ text.T
+    np.testing.assert_array_equal(selection["nearest_class"], cosine.argmax(1))
+    np.testing.assert_allclose(selection["similarity"], cosine.max(1), atol=1e-3)
+
+
+def test_reference_shards_and_bn_prior_are_written_for_the_filter(scored, tiny_teacher, tmp_path):
+    """score.reference_shards: a few labelled images through the same teacher, into reference.npz."""
+    import webdataset as wds
+
+    cfg, run_dir = scored
+    images = [im for _, im in read_shard_images(run_dir / "crawl" / "shards")][:7]
+    with wds.TarWriter(str(tmp_path / "ref-000.tar")) as sink:
+        for i, image in enumerate(images):
+            sink.write({"__key__": f"r{i}", "png": image, "cls": i % 3})
+    (tmp_path / "ref-001.tar").write_bytes(b"")  # an empty shard among them is no error
+    ref_run = copy_crawl(run_dir, tmp_path / "run")
+    ref_cfg = score_config_from(cfg, ref_run, f"score.reference_shards={tmp_path}/ref-{{000..001}}.tar")
+    run_stages(ref_cfg, STAGES, only=["score"])
+    teacher = load_teacher(cfg.teacher)
+    with torch.no_grad():
+        logits, features = teacher.model(torch.stack([teacher.transform(im) for im in images]))
+    with np.load(ref_run / "score" / "reference.npz") as z:
+        np.testing.assert_array_equal(z["labels"], [i % 3 for i in range(7)])
+        np.testing.assert_allclose(z["logits"], logits.numpy(), atol=1e-4, rtol=1e-4)
+    with np.load(ref_run / "score" / "feature_prior.npz") as z:
+        np.testing.assert_allclose(z["mean"], teacher.feature_prior["mean"])
+        assert z["mean"].shape == (teacher.feature_dim,) and (z["std"] > 0).all()
+
+    bad = score_config_from(cfg, ref_run, f"score.reference_shards={tmp_path}/nothing-*.tar")
+    with pytest.raises(UserError, match="score.reference_shards .*nothing-.* matches no file"):
+        run_stages(bad, STAGES, only=["score"], force=True)
 
 
 def test_embedder_without_checkpoint_is_a_clear_error(small_web, crawled, tiny_teacher, tmp_path):
-    from pipeline.errors import UserError
-
     run_dir = copy_crawl(crawled, tmp_path / "run")
     cfg = score_config(small_web, tiny_teacher, run_dir, "score.embedder_model=ViT-S-32")
     with pytest.raises(UserError, match="give a local checkpoint of ViT-S-32"):

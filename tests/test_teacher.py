@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -236,3 +237,33 @@ def test_a_pretrained_tag_is_never_downloaded():
     with pytest.raises(UserError, match=r"checkpoint laion2b_s34b_b79k not found: .*nothing is downloaded"):
         load_teacher(TeacherConfig(format="open_clip", arch="ViT-B-32", checkpoint="laion2b_s34b_b79k",
                                    class_names=["a", "b"]))
+
+
+def test_bn_feature_prior_matches_the_moments_of_rectified_bn_outputs():
+    """The prior is what the last BatchNorm's output, rectified, has on data it normalises exactly."""
+    from pipeline.teacher import bn_feature_prior
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 3))
+    bn = net[1]
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.5, 1.0, 0.3]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 0.7, 0.2, -3.0, 0.0]))
+    normalised = torch.randn(400_000, 6)  # what BN sees on its training data, after normalising
+    y = torch.relu(normalised * bn.weight.detach() + bn.bias.detach())
+    prior = bn_feature_prior(net, 6, rectified=True)
+    assert prior["layer"] == "1"
+    np.testing.assert_allclose(prior["mean"], y.mean(0).numpy(), atol=5e-3)
+    np.testing.assert_allclose(prior["std"], y.std(0).numpy(), atol=5e-3)
+    plain = bn_feature_prior(net, 6, rectified=False)
+    np.testing.assert_allclose(plain["std"], bn.weight.detach().abs().numpy(), atol=1e-6)
+    assert bn_feature_prior(net, 7, rectified=True) is None  # no BatchNorm with one channel per feature
+
+
+def test_demo_style_teacher_carries_its_bn_prior(tmp_path):
+    net = create_model("convnet5", num_classes=10, in_chans=3, width=8)
+    teacher = load_teacher(spec(arch="convnet5", arch_kwargs={"width": 8},
+                                checkpoint=save(net.state_dict(), tmp_path / "t.pt")))
+    assert teacher.feature_prior["layer"].endswith("features.15") and teacher.feature_prior["rectified"]
+    assert teacher.feature_prior["mean"].shape == (teacher.feature_dim,)
