@@ -4,9 +4,24 @@ Stages exchange only WebDataset shards, parquet manifests keyed by ``uid`` and r
 ``.npy`` arrays. Everything that crosses a stage boundary is described here.
 """
 
-from manifests.io import (ManifestError, atomic_write_bytes, atomic_write_json, concat_arrays, expand_shards,
-                          read_array, read_manifest, write_manifest)
-from manifests.schemas import CRAWL, SCHEMAS, SCORE, SCORE_FAILURES, SELECTION, ManifestSchema
+from manifests.io import (
+                          ManifestError,
+                          atomic_write_bytes,
+                          atomic_write_json,
+                          concat_arrays,
+                          expand_shards,
+                          read_array,
+                          read_manifest,
+                          write_manifest,
+)
+from manifests.schemas import (
+                          CRAWL,
+                          SCHEMAS,
+                          SCORE,
+                          SCORE_FAILURES,
+                          SELECTION,
+                          ManifestSchema,
+)
 from manifests.uid import uid_for
 
 __all__ = [

@@ -28,7 +28,13 @@ from pathlib import Path
 import pandas as pd
 from img2dataset import download
 
-from manifests import CRAWL, atomic_write_bytes, atomic_write_json, uid_for, write_manifest
+from manifests import (
+    CRAWL,
+    atomic_write_bytes,
+    atomic_write_json,
+    uid_for,
+    write_manifest,
+)
 from pipeline.config import Config, CrawlConfig, DataConfig
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir

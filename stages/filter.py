@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from manifests import SCORE, SELECTION, atomic_write_bytes, atomic_write_json, read_array, read_manifest, write_manifest
+from manifests import (
+    SCORE,
+    SELECTION,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_array,
+    read_manifest,
+    write_manifest,
+)
 from pipeline import knn
 from pipeline.config import Config, FilterConfig
 from pipeline.errors import UserError
