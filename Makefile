@@ -49,9 +49,10 @@ status: setup  ## show which stages of runs/demo are done, stale or missing
 test: setup  ## run the test suite
 	$(PY) -m pytest -q
 
-bench: teacher  ## benchmarks: crawl stage vs raw img2dataset, score stage vs bare forward pass
+bench: teacher  ## benchmarks: crawl vs raw img2dataset, score vs bare forward pass, filter vs brute-force kNN
 	$(PY) bench/bench_crawl.py --config $(CONFIG)
 	$(PY) bench/bench_score.py --config $(CONFIG)
+	$(PY) bench/bench_filter.py --config $(CONFIG)
 
 clean:  ## remove run outputs and demo data (keeps .venv)
 	rm -rf runs demo_data bench/work

@@ -2,18 +2,31 @@
 
 Under ``torchrun --nproc_per_node N`` every rank runs the same command; ``init_distributed``
 joins them (NCCL on GPUs, gloo on CPU) and the runner lets rank 0 alone do the bookkeeping.
-Without torchrun all of this is a no-op for a single process.
+Without torchrun all of this is a no-op for a single process. torch is imported only when needed:
+the runner, the CLI and stages such as filter never pay for it.
 """
+
+from __future__ import annotations
 
 import atexit
 import contextlib
 import os
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _joined():
+    """torch.distributed when this process is in a process group, else None."""
+    if world_size() == 1:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_initialized() else None
 
 
 def rank() -> int:
@@ -30,7 +43,10 @@ def is_main() -> bool:
 
 def init_distributed() -> None:
     """Join the torchrun process group (idempotent; nothing to do in a single process)."""
-    if world_size() > 1 and not dist.is_initialized():
+    if world_size() > 1 and _joined() is None:
+        import torch
+        import torch.distributed as dist
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         # ranks wait for each other while rank 0 alone runs a stage such as crawl: a long timeout
         dist.init_process_group(backend, timeout=timedelta(hours=12))
@@ -38,14 +54,17 @@ def init_distributed() -> None:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if dist := _joined():
         dist.barrier()
 
 
 def sum_over_ranks(value: int) -> int:
     """The sum of ``value`` over all ranks (a collective: every rank must call it)."""
-    if not dist.is_initialized():
+    dist = _joined()
+    if dist is None:
         return value
+    import torch
+
     total = torch.tensor([value], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         total = total.cuda()
@@ -55,6 +74,8 @@ def sum_over_ranks(value: int) -> int:
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
@@ -67,6 +88,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def autocast(device: torch.device, precision: str = "auto"):
     """Mixed precision on CUDA (bf16 where supported, else fp16); full precision on the CPU."""
+    import torch
+
     if precision == "auto":
         if device.type != "cuda":
             return contextlib.nullcontext()

@@ -240,3 +240,14 @@ def test_filter_after_a_real_score_reruns_alone_when_its_settings_change(small_w
     selection = read_manifest(run_dir / "filter" / "selection.parquet", SELECTION)
     kept = scored["confidence"][selection["keep"].to_numpy()]
     assert kept.min() >= scored["confidence"][~selection["keep"].to_numpy()].max()
+
+
+def test_bn_stats_without_a_classifier_has_no_classes(tmp_path):
+    """A teacher whose classifier webdistill cannot read (TorchScript): bn_stats still filters."""
+    run_dir, truth = planted_pool(tmp_path)
+    (run_dir / "score" / "classifier.npz").unlink()
+    selection = run_filter(run_dir, "filter.policy=threshold", "filter.min_similarity=-3")
+    assert selection["nearest_class"].isna().all() and selection["agrees"].isna().all()
+    assert truth[selection["keep"].to_numpy()].mean() >= 0.95
+    with pytest.raises(UserError, match="require_agreement needs a reference with classes"):
+        run_filter(run_dir, "filter.require_agreement=true")
