@@ -19,6 +19,8 @@ Four steps, each a function of arrays (testable without a run directory):
 Nothing here re-runs the teacher: changing a threshold or policy re-runs filter alone, in seconds.
 """
 
+import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -471,8 +473,6 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     if not path.is_file():
         raise UserError(f"{path} not found: re-run the score stage with --force")
     return json.loads(path.read_text())
@@ -605,8 +605,6 @@ def plot_diagnostics(folder: Path, selection: pd.DataFrame, manifest: pd.DataFra
 
 
 def _save(fig, path: Path) -> None:
-    import io
-
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
