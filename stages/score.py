@@ -177,9 +177,7 @@ def write_part(parts: Path, result: ShardResult, class_names: list[str], top_k: 
     """One shard's results: arrays and failures first, its manifest rows last (the marker of a done shard)."""
     rows_file, arrays_file, failures_file = _part_paths(parts, result.name)
     arrays = {name: np.stack(rows) for name, rows in result.arrays.items()}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(arrays_file, buffer.getvalue())
+    _save_npz(arrays_file, arrays)
     atomic_write_bytes(failures_file, pd.DataFrame(result.failures, columns=SCORE_FAILURES.schema.names)
                        .to_parquet(index=False))
     rows = pd.DataFrame({"uid": [result.expected[k] for k in result.keys], "shard": f"shards/{result.name}",
@@ -283,6 +281,7 @@ def merge_parts(out: Path, shards: list[str], expected: dict[str, dict[str, str]
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
+    """``arrays`` as one .npz file, written atomically."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
