@@ -16,6 +16,7 @@ from manifests.io import (
 )
 from manifests.schemas import (
                           CRAWL,
+                          PERTURBATION,
                           SCHEMAS,
                           SCORE,
                           SCORE_FAILURES,
@@ -26,6 +27,7 @@ from manifests.uid import uid_for
 
 __all__ = [
     "CRAWL",
+    "PERTURBATION",
     "SCHEMAS",
     "SCORE",
     "SCORE_FAILURES",

@@ -2,8 +2,7 @@
 
 Each manifest is one parquet file with one row per sample, keyed by ``uid`` (see ``uid.py``).
 The schema name and version are stored in the file's metadata so a reader can tell a crawl
-manifest from any other parquet file. Later stages add their schemas to ``SCHEMAS``
-(selection, perturbation, training log).
+manifest from any other parquet file. All of them are in ``SCHEMAS``.
 """
 
 from dataclasses import dataclass
@@ -107,4 +106,21 @@ SELECTION = ManifestSchema(
     ),
 )
 
-SCHEMAS = {s.name: s for s in (CRAWL, SCORE, SCORE_FAILURES, SELECTION)}
+PERTURBATION = ManifestSchema(
+    name="perturbation",
+    version=1,
+    # one row per perturbed image: which kept image it perturbs, with whose statistics, how much
+    schema=pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),  # the source image (the sample's key in the shard)
+            pa.field("variant", pa.int32(), nullable=False),  # stored as <uid>.mix<variant>.<format>
+            pa.field("partner_uid", pa.string(), nullable=False),  # whose channel statistics are mixed in
+            pa.field("lam", pa.float32(), nullable=False),  # weight of the source's own statistics
+            pa.field("pseudo_label", pa.int32(), nullable=False),
+            pa.field("partner_pseudo_label", pa.int32(), nullable=False),
+            pa.field("shard", pa.string(), nullable=False),  # perturb shard (relative to the perturb folder)
+        ]
+    ),
+)
+
+SCHEMAS = {s.name: s for s in (CRAWL, SCORE, SCORE_FAILURES, SELECTION, PERTURBATION)}

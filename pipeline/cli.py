@@ -70,6 +70,17 @@ def run_cmd(target, only, force, overrides):
     cfg = _load(target, overrides)
     run = run_stages(cfg, STAGES, only=only.split(",") if only else None, force=force)
     click.echo(format_status(cfg, run, STAGES))
+    _echo_report(run)
+
+
+def _echo_report(run) -> None:
+    """The report's path and headline numbers, once the report stage has run."""
+    from pipeline import devices
+    from stages.report import headline, headline_text
+
+    report = run.stage_dir("report") / "report.html"
+    if devices.is_main() and run.record("report") and (h := headline(run)):
+        click.echo(f"\nreport: {report} (markdown: {report.with_suffix('.md')})\n{headline_text(h)}")
 
 
 def _stage_command(spec):

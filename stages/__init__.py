@@ -22,11 +22,13 @@ STAGES = [
               reads_config=("filter",), upstream=("score",), module="stages.filter",
               input_files=lambda cfg: [cfg.filter.diagnostics_sources]),
     StageSpec("perturb", "MixDistribution images of the selected samples",
-              reads_config=(), upstream=("filter",)),
-    StageSpec("distill", "student training", reads_config=(), upstream=("filter", "perturb")),
+              reads_config=("perturb",), upstream=("filter",), module="stages.perturb"),
+    StageSpec("distill", "student training on the selected images", reads_config=("distill",),
+              upstream=("filter", "perturb"), module="stages.distill", distributed=True),
     StageSpec("evaluate", "student and teacher on the labelled test set",
-              reads_config=(), upstream=("distill",)),
-    StageSpec("report", "markdown and HTML report", reads_config=(), upstream=("evaluate",)),
+              reads_config=("evaluate",), upstream=("distill",), module="stages.evaluate",
+              input_files=lambda cfg: expand_shards(cfg.evaluate.test_set, "evaluate.test_set", must_exist=False)),
+    StageSpec("report", "markdown and HTML report", reads_config=(), upstream=("evaluate",), module="stages.report"),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]
