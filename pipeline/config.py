@@ -253,6 +253,9 @@ class DistillConfig:
     precision: str = opt("auto", "autocast dtype; auto: bf16 on CUDA (fp16 where unsupported), fp32 on CPU",
                          choices=("auto", "fp32", "bf16", "fp16"))
     num_workers: int = opt(2, "DataLoader processes reading and decoding the shards (per rank)")
+    split: str = opt("shard", "how torchrun ranks share the transfer set: whole shards (each rank reads its own), or "
+                     "every world_size-th sample of every shard (equal shares when there are few shards)",
+                     choices=("shard", "sample"))
     shuffle_buffer: int = opt(2000, "samples in the shuffle buffer (shard order is shuffled too)")
     seed: int = opt(0, "seed of initialisation, data order and augmentation: the same seed gives the same weights")
     keep_checkpoints: int = opt(2, "epoch checkpoints kept (the newest); training resumes from the last one")

@@ -131,7 +131,7 @@ def write_shard(shard: Path, out: Path, jobs: pd.DataFrame, fmt: str) -> int:
     by_key = {key: rows for key, rows in jobs.groupby("key", sort=False)}
     tmp = out.with_name(f".{out.name}.tmp")
     written = 0
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(tmp), mtime=0) as sink:  # a fixed member time: the same seed gives the same bytes
         for key, ext, data in _kept_images(shard, set(by_key)):
             rows = by_key[key]
             sample = {"__key__": rows["uid"].iloc[0], ext: data, "json": json.dumps({
@@ -179,7 +179,7 @@ def _stats(kept: pd.DataFrame, crawl_dir: Path, out: Path, workers: int) -> tupl
     mean = np.stack([found[(s, k)][0] for s, k in zip(kept["shard"], kept["key"])])
     std = np.stack([found[(s, k)][1] for s, k in zip(kept["shard"], kept["key"])])
     buffer = io.BytesIO()
-    np.savez(buffer, uid=kept["uid"].to_numpy(), mean=mean, std=std)
+    np.savez(buffer, uid=kept["uid"].to_numpy().astype(str), mean=mean, std=std)
     atomic_write_bytes(path, buffer.getvalue())
     return mean, std
 

@@ -21,6 +21,7 @@ each rank reads its own shards.
 """
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -57,7 +58,7 @@ log = logging.getLogger("webdistill.distill")
 
 # ---------------------------------------------------------------- inputs
 
-def transfer_set(run_dir: RunDir) -> tuple[TransferSet, pd.DataFrame]:
+def transfer_set(run_dir: RunDir, split: str = "shard") -> tuple[TransferSet, pd.DataFrame]:
     """perturb's shards, and the selection rows of the kept samples (row = position in the score arrays)."""
     perturb = run_dir.stage_dir("perturb")
     counts_file = perturb / "shards.json"
@@ -70,7 +71,7 @@ def transfer_set(run_dir: RunDir) -> tuple[TransferSet, pd.DataFrame]:
     missing = [s for s in counts if not (perturb / s).is_file()]
     if missing:
         raise UserError(f"perturb shard {perturb / missing[0]} is missing: re-run perturb with --force")
-    return TransferSet(perturb, counts, dict(zip(kept["uid"], kept.index))), selection
+    return TransferSet(perturb, counts, dict(zip(kept["uid"], kept.index)), split), selection
 
 
 def sample_weights(recipe: Recipe, selection: pd.DataFrame, logits: np.ndarray) -> torch.Tensor:
@@ -232,9 +233,7 @@ class Trainer:
         sums, seen, t0 = defaultdict(float), 0, time.time()
         bar = tqdm(total=steps, desc=f"distill epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
                    disable=not devices.is_main())
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
+        for step, batch in enumerate(itertools.islice(loader, steps)):
             loss, terms = self.loss(batch, (epoch + step / steps) / max(1, epochs - 1) if epochs > 1 else 0.0,
                                     generator)
             self.optimizer.zero_grad(set_to_none=True)
@@ -332,7 +331,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     device = devices.pick_device(settings.device)
     log.info("distill: %s student, preset %s (%s), on %s", settings.student, settings.preset, describe(recipe), device)
     teacher = load_teacher(cfg.teacher, device)
-    data, selection = transfer_set(run_dir)
+    data, selection = transfer_set(run_dir, settings.split)
     kept_rows = np.flatnonzero(selection["keep"].to_numpy())
     logits = read_array(score_dir / "logits.npy", len(selection), "score logits")
     features = read_array(score_dir / "features.npy", len(selection), "score features") \
@@ -349,20 +348,19 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
                     "un-augmented images")
 
     world, rank = devices.world_size(), devices.rank()
-    _, steps = data.loader(teacher.transform, 0, settings.seed, rank, world, settings.batch_size,
-                           settings.num_workers, settings.shuffle_buffer, recipe.perturbation == "offline")
-    total_steps = steps * settings.epochs
-    warmup = int(settings.warmup_epochs * steps)
+    with_mix = recipe.perturbation == "offline"
+    steps = data.steps(0, settings.seed, world, settings.num_workers, settings.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: lr_factor(
-        step, total_steps, warmup, settings.schedule, settings.milestones))
+        step, steps * settings.epochs, int(settings.warmup_epochs * steps), settings.schedule, settings.milestones))
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     start, history = resume(checkpoints, trainer, scheduler)
+    loader = data.loader(teacher.transform, start, settings.seed, rank, world, settings.batch_size,
+                         settings.num_workers, settings.shuffle_buffer, with_mix)
 
     t0 = time.time()
     for epoch in range(start, settings.epochs):
-        loader, steps = data.loader(teacher.transform, epoch, settings.seed, rank, world, settings.batch_size,
-                                    settings.num_workers, settings.shuffle_buffer, recipe.perturbation == "offline")
+        steps = data.steps(epoch, settings.seed, world, settings.num_workers, settings.batch_size)
         row = trainer.epoch(loader, steps, epoch, settings.epochs, scheduler, settings.seed)
         history.append(row)
         log.info("distill: epoch %d/%d %s", epoch + 1, settings.epochs,

@@ -8,19 +8,22 @@ exactly the batches an uninterrupted run would have.
 
 Ranks hold different numbers of samples; DDP needs every rank to take the same number of steps.
 The shard sizes are known (``perturb/shards.json``), so every rank computes every rank's batch
-count and all stop after the smallest: no collective is needed to agree.
+count and all stop after the smallest: no collective is needed to agree. With few shards per rank
+that wastes data; ``split: sample`` then has every rank read every shard and keep every
+world_size-th sample (more reading, equal shares).
 """
 
 import io
 import random
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from pipeline.errors import UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -35,15 +38,28 @@ def rank_shards(ordered: list[str], rank: int, world: int) -> list[str]:
     return ordered[rank::world]
 
 
-def batches_per_rank(ordered: list[str], counts: dict[str, int], world: int, workers: int, batch_size: int) -> list[int]:
+def batches_per_rank(ordered: list[str], counts: dict[str, int], world: int, workers: int, batch_size: int,
+                     split: str = "shard") -> list[int]:
     """Batches each rank's loader yields this epoch (each worker batches its own shards, the last
-    batch of each worker partial)."""
+    batch of each worker partial). ``split``: ranks take whole shards, or every world-th sample."""
     out = []
     for r in range(world):
-        mine = rank_shards(ordered, r, world)
-        per_worker = [sum(counts[s] for s in mine[w::max(workers, 1)]) for w in range(max(workers, 1))]
+        mine = rank_shards(ordered, r, world) if split == "shard" else ordered
+        share = (lambda s: counts[s]) if split == "shard" else (lambda s: len(range(r, counts[s], world)))
+        per_worker = [sum(share(s) for s in mine[w::max(workers, 1)]) for w in range(max(workers, 1))]
         out.append(sum(-(-n // batch_size) for n in per_worker))
     return out
+
+
+def every_nth_per_shard(samples, rank: int, world: int):
+    """The samples at positions rank, rank + world, … of each shard (split by sample)."""
+    url, i = None, 0
+    for sample in samples:
+        if sample["__url__"] != url:
+            url, i = sample["__url__"], 0
+        if i % world == rank:
+            yield sample
+        i += 1
 
 
 def decode(sample: dict, transform, rows: dict[str, int], with_mix: bool) -> dict:
@@ -67,6 +83,34 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
+class EpochStream(torch.utils.data.IterableDataset):
+    """This rank's batches, one epoch per ``iter()``: epoch e = start_epoch + how often it was
+    iterated. Kept alive in persistent DataLoader workers (no start-up cost per epoch), every
+    worker's copy counts the same epochs, so the stream stays a function of (seed, epoch)."""
+
+    def __init__(self, data: "TransferSet", transform, seed: int, rank: int, world: int, batch_size: int,
+                 shuffle_buffer: int, with_mix: bool, start_epoch: int, split: str):
+        self.data, self.transform, self.seed, self.rank, self.world = data, transform, seed, rank, world
+        self.split = split
+        self.batch_size, self.shuffle_buffer, self.with_mix = batch_size, shuffle_buffer, with_mix
+        self.epoch = start_epoch
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        ordered = epoch_order(sorted(self.data.counts), self.seed, epoch)
+        mine = rank_shards(ordered, self.rank, self.world) if self.split == "shard" else ordered
+        urls = [{"url": str(self.data.folder / s)} for s in mine[worker::workers]]
+        samples = wds.tarfile_to_samples()(iter(urls))
+        if self.split == "sample":
+            samples = every_nth_per_shard(samples, self.rank, self.world)
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
+        decoded = (decode(s, self.transform, self.data.rows, self.with_mix) for s in samples)
+        yield from wds.batched(self.batch_size, collation_fn=collate, partial=True)(decoded)
+
+
 @dataclass
 class TransferSet:
     """perturb's shards with their sizes, and the row of each sample (uid) in the score arrays."""
@@ -79,20 +123,28 @@ class TransferSet:
     def size(self) -> int:
         return sum(self.counts.values())
 
-    def loader(self, transform, epoch: int, seed: int, rank: int, world: int, batch_size: int, workers: int,
-               shuffle_buffer: int, with_mix: bool):
-        """(loader, steps): this rank's batches of ``epoch`` and how many of them to take."""
+    split: str = "shard"  # ranks read whole shards, or every world-th sample of every shard
+
+    def workers(self, world: int, workers: int) -> int:
+        """DataLoader workers per rank: no more than the fewest shards a rank holds (the same every
+        epoch and on every rank, which the step count relies on)."""
+        if self.split == "sample":
+            return min(workers, len(self.counts))
+        if len(self.counts) < world:
+            raise UserError(f"perturb wrote {len(self.counts)} shard(s), fewer than the {world} torchrun ranks: "
+                            "lower crawl.number_sample_per_shard so every rank gets a shard")
+        return min(workers, len(self.counts) // world)
+
+    def steps(self, epoch: int, seed: int, world: int, workers: int, batch_size: int) -> int:
+        """Batches every rank takes in ``epoch``: the smallest rank's count."""
         ordered = epoch_order(sorted(self.counts), seed, epoch)
-        steps = min(batches_per_rank(ordered, self.counts, world, workers, batch_size))
-        mine = rank_shards(ordered, rank, world)
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList([str(self.folder / s) for s in mine]),
-            wds.split_by_worker,
-            wds.tarfile_to_samples(),
-            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(f"{seed}-{epoch}-{rank}")),
-            wds.map(partial(decode, transform=transform, rows=self.rows, with_mix=with_mix)),
-            wds.batched(batch_size, collation_fn=collate, partial=True),
-        )
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(workers, len(mine)),
-                               persistent_workers=False)
-        return loader, steps
+        return min(batches_per_rank(ordered, self.counts, world, self.workers(world, workers), batch_size, self.split))
+
+    def loader(self, transform, start_epoch: int, seed: int, rank: int, world: int, batch_size: int, workers: int,
+               shuffle_buffer: int, with_mix: bool) -> torch.utils.data.DataLoader:
+        """This rank's loader; each ``iter()`` of it is the next epoch, from ``start_epoch`` on."""
+        stream = EpochStream(self, transform, seed, rank, world, batch_size, shuffle_buffer, with_mix, start_epoch,
+                             self.split)
+        n = self.workers(world, workers)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=n, persistent_workers=n > 0,
+                                           prefetch_factor=4 if n else None)

@@ -1,0 +1,146 @@
+"""Benchmark: distill's training throughput against an in-memory loop, and student top-1 per preset.
+
+1. Throughput. The same student, teacher, recipe and training step (``Trainer.epoch``), fed
+   (a) by the stage's WebDataset loader streaming perturb's shards (decoding in DataLoader
+   workers), and (b) by batches sliced from tensors decoded into memory beforehand. Both run
+   ``--epochs`` epochs in alternation; the ratio of their median images/s says whether the data
+   path is the bottleneck (goal ≥ 0.8).
+2. Accuracy. For each preset, its own run directory under bench/work/distill/<preset> holding a
+   copy of the demo's crawl/score/filter/perturb, then distill and evaluate (the private test
+   split), one seed each unless ``--seeds``.
+
+    python bench/bench_distill.py [--config configs/demo.yaml] [--presets kd ipwd kd3 webdistill] [--seeds 0]
+"""
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from manifests import read_array  # noqa: E402
+from pipeline import devices  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.runner import run_stages  # noqa: E402
+from pipeline.teacher import load_teacher  # noqa: E402
+from stages import STAGES  # noqa: E402
+from stages.distill import Trainer, build_model, lr_factor, sample_weights, transfer_set  # noqa: E402
+from stages.distill.data import decode  # noqa: E402
+from stages.distill.recipe import resolve  # noqa: E402
+
+WORK = Path("bench/work/distill")
+RESULTS = Path("bench/results")
+UPSTREAM = ("crawl", "score", "filter", "perturb")
+
+
+def in_memory(data, transform, with_mix: bool) -> dict:
+    """Every transfer-set sample decoded once: the reference loop's tensors."""
+    import webdataset as wds
+
+    samples = [decode(s, transform, data.rows, with_mix) for s in
+               wds.WebDataset([str(data.folder / s) for s in sorted(data.counts)], shardshuffle=False)]
+    out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples])}
+    if with_mix:
+        out["mix"] = torch.stack([s["mix"] for s in samples])
+    return out
+
+
+def memory_batches(tensors: dict, batch_size: int, epoch: int):
+    order = torch.randperm(len(tensors["row"]), generator=torch.Generator().manual_seed(epoch))
+    for i in range(0, len(order), batch_size):
+        yield {k: v[order[i:i + batch_size]] for k, v in tensors.items()}
+
+
+def throughput(cfg, run: RunDir, epochs: int) -> dict:
+    settings, recipe = cfg.distill, resolve(cfg.distill)
+    device = devices.pick_device(settings.device)
+    teacher = load_teacher(cfg.teacher, device)
+    data, selection = transfer_set(run)
+    logits = read_array(run.stage_dir("score") / "logits.npy", len(selection), "score logits")
+    model, _, _ = build_model(settings, recipe, teacher, None)
+    trainer = Trainer(settings, recipe, teacher, model.to(device), sample_weights(recipe, selection, logits), logits,
+                      None, None, device)
+    with_mix = recipe.perturbation == "offline"
+    tensors = in_memory(data, teacher.transform, with_mix)
+    loader = data.loader(teacher.transform, 0, 0, 0, 1, settings.batch_size, settings.num_workers,
+                         settings.shuffle_buffer, with_mix)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: lr_factor(s, 10 ** 9, 0, "constant", []))
+    stage, memory = [], []
+    for epoch in range(epochs):
+        steps = data.steps(epoch, 0, 1, settings.num_workers, settings.batch_size)
+        stage.append(trainer.epoch(loader, steps, epoch, epochs, scheduler, 0)["images_per_s"])
+        memory.append(trainer.epoch(memory_batches(tensors, settings.batch_size, epoch), steps, epoch, epochs,
+                                    scheduler, 0)["images_per_s"])
+        print(f"  epoch {epoch + 1}: stage {stage[-1]:.0f} img/s, in-memory {memory[-1]:.0f} img/s", flush=True)
+    # the first epoch of each warms caches and starts workers: the median of the rest
+    s, m = statistics.median(stage[1:] or stage), statistics.median(memory[1:] or memory)
+    return {"preset": settings.preset, "student": settings.student, "batch_size": settings.batch_size,
+            "num_workers": settings.num_workers, "teacher_logits": "online" if trainer.online else "cached",
+            "stage_images_per_s": round(s, 1), "in_memory_images_per_s": round(m, 1), "ratio": round(s / m, 3),
+            "epochs": epochs}
+
+
+def preset_run(config: str, demo_run: Path, preset: str, seed: int) -> dict:
+    run_dir = WORK / f"{preset}-seed{seed}"
+    if not (run_dir / "evaluate" / "_SUCCESS.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for stage in UPSTREAM:
+            shutil.copytree(demo_run / stage, run_dir / stage)
+    cfg = load_config(config, [f"run_dir={run_dir}", f"distill.preset={preset}", f"distill.seed={seed}"])
+    t0 = time.time()
+    run_stages(cfg, STAGES, only=["distill", "evaluate"])
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    summary = json.loads((run_dir / "distill" / "summary.json").read_text())
+    return {"preset": preset, "seed": seed, "student_top1": metrics["student"]["top1"],
+            "student_macro_recall": metrics["student"]["macro_recall"], "student_ece": metrics["student"]["ece"],
+            "teacher_top1": metrics["teacher"]["top1"], "agreement": metrics["agreement"],
+            "train_s": (RunDir(run_dir).record("distill") or {}).get("duration_s"), "recipe": summary["recipe"],
+            "wall_s": round(time.time() - t0, 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--presets", nargs="*", default=["kd", "ipwd", "kd3", "webdistill"])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--throughput-epochs", type=int, default=4)
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    demo = RunDir(cfg.run_dir)
+    run_stages(cfg, STAGES, only=list(UPSTREAM))  # the demo's upstream stages (skipped when done)
+
+    print("throughput: distill's loader vs tensors in memory, same training step", flush=True)
+    rows = [throughput(load_config(args.config, [f"distill.preset={p}"]), demo, args.throughput_epochs)
+            for p in ("kd", "kd3")]
+    print("accuracy per preset (private test split)", flush=True)
+    runs = [preset_run(args.config, demo.root, p, s) for p in args.presets for s in args.seeds]
+
+    table = pd.DataFrame(runs)
+    grouped = table.groupby("preset", sort=False).agg(
+        top1_mean=("student_top1", "mean"), top1_std=("student_top1", "std"), macro_recall=("student_macro_recall", "mean"),
+        ece=("student_ece", "mean"), seeds=("seed", "count"), train_s=("train_s", "mean")).reset_index()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only" \
+        if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    lines = ["# distill benchmark", "", f"Machine: {machine}. Demo: {cfg.distill.epochs} epochs, "
+             f"{cfg.distill.student}, batch {cfg.distill.batch_size}.", "", "## Throughput (images/s)", "",
+             pd.DataFrame(rows).to_markdown(index=False), "", "## Student top-1 on the private test split "
+             f"(teacher {100 * table['teacher_top1'].iloc[0]:.2f}%)", "",
+             grouped.to_markdown(index=False, floatfmt=".4f"), "", table.to_markdown(index=False, floatfmt=".4f"), ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "distill.md").write_text("\n".join(lines))
+    (RESULTS / "distill.json").write_text(json.dumps({"throughput": rows, "runs": runs}, indent=2, default=float))
+    print("\n".join(lines))
+    print(f"wrote {RESULTS / 'distill.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
