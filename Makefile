@@ -49,10 +49,11 @@ status: setup  ## show which stages of runs/demo are done, stale or missing
 test: setup  ## run the test suite
 	$(PY) -m pytest -q
 
-bench: teacher  ## benchmarks: crawl vs raw img2dataset, score vs bare forward pass, filter vs brute-force kNN
+bench: teacher  ## benchmarks: crawl vs raw img2dataset, score vs bare forward pass, filter vs brute-force kNN, distill vs in-memory loop + top-1 per preset
 	$(PY) bench/bench_crawl.py --config $(CONFIG)
 	$(PY) bench/bench_score.py --config $(CONFIG)
 	$(PY) bench/bench_filter.py --config $(CONFIG)
+	$(PY) bench/bench_distill.py --config $(CONFIG)
 
 clean:  ## remove run outputs and demo data (keeps .venv)
 	rm -rf runs demo_data bench/work

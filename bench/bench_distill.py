@@ -124,22 +124,26 @@ def main():
     print("accuracy per preset (private test split)", flush=True)
     runs = [preset_run(args.config, demo.root, p, s) for p in args.presets for s in args.seeds]
 
-    table = pd.DataFrame(runs)
-    grouped = table.groupby("preset", sort=False).agg(
-        top1_mean=("student_top1", "mean"), top1_std=("student_top1", "std"), macro_recall=("student_macro_recall", "mean"),
-        ece=("student_ece", "mean"), seeds=("seed", "count"), train_s=("train_s", "mean")).reset_index()
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only" \
         if not torch.cuda.is_available() else torch.cuda.get_device_name()
     lines = ["# distill benchmark", "", f"Machine: {machine}. Demo: {cfg.distill.epochs} epochs, "
              f"{cfg.distill.student}, batch {cfg.distill.batch_size}.", "", "## Throughput (images/s)", "",
-             pd.DataFrame(rows).to_markdown(index=False), "", "## Student top-1 on the private test split "
-             f"(teacher {100 * table['teacher_top1'].iloc[0]:.2f}%)", "",
-             grouped.to_markdown(index=False, floatfmt=".4f"), "", table.to_markdown(index=False, floatfmt=".4f"), ""]
+             pd.DataFrame(rows).to_markdown(index=False), ""]
+    if runs:
+        table = pd.DataFrame(runs)
+        grouped = table.groupby("preset", sort=False).agg(
+            top1_mean=("student_top1", "mean"), top1_std=("student_top1", "std"),
+            macro_recall=("student_macro_recall", "mean"), ece=("student_ece", "mean"), seeds=("seed", "count"),
+            train_s=("train_s", "mean")).reset_index()
+        lines += [f"## Student top-1 on the private test split (teacher {100 * table['teacher_top1'].iloc[0]:.2f}%)",
+                  "", grouped.to_markdown(index=False, floatfmt=".4f"), "", table.to_markdown(index=False, floatfmt=".4f"),
+                  ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "distill.md").write_text("\n".join(lines))
-    (RESULTS / "distill.json").write_text(json.dumps({"throughput": rows, "runs": runs}, indent=2, default=float))
+    name = "distill" if runs else "distill_throughput"
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"throughput": rows, "runs": runs}, indent=2, default=float))
     print("\n".join(lines))
-    print(f"wrote {RESULTS / 'distill.md'}", file=sys.stderr)
+    print(f"wrote {RESULTS / name}.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`make all` on a copy of the repository: set-up skipped (stamp), demo and teacher built, every built stage run."""
+"""`make all` on a copy of the repository: set-up skipped (stamp), demo and teacher built, every stage run,
+the report written; the second run skips everything."""
 
 import json
 import os
@@ -34,7 +35,7 @@ def make(checkout: Path, *targets):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_make_all_runs_the_built_stages_and_names_the_missing_ones(checkout):
+def test_make_all_runs_every_stage_and_ends_with_the_report(checkout):
     first = make(checkout, "all")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     assert "pip install" not in first.stdout  # the stamp file skipped the set-up
@@ -45,12 +46,19 @@ def test_make_all_runs_the_built_stages_and_names_the_missing_ones(checkout):
     assert teacher["test_accuracy"] >= 0.985 and teacher["test_images"] == 1000
     assert f"✓ demo teacher: top-1 {100 * teacher['test_accuracy']:.2f}% on the 1000 private test images" in log
     assert "score: 10,000 images, 10,000 scored, 0 could not be used" in log
-    assert "not built yet: perturb, distill, evaluate, report" in log
+    assert "not built yet" not in log
     # the filter keeps a purer set than the pool: the teacher's BN prior tells digits from photos
     truth = json.loads((checkout / "runs" / "demo" / "filter" / "summary.json").read_text())["truth"]
     assert truth["precision"] > truth["pool_precision"] + 0.15
     assert "filter: kept 3,000 of 10,000 scored images" in log
-    for stage in ("crawl", "score", "filter"):
+    assert "perturb: 3000 kept images, 3000 perturbations" in log
+    # the student, trained on web images only, on the private test split it never saw
+    metrics = json.loads((checkout / "runs" / "demo" / "evaluate" / "metrics.json").read_text())
+    assert metrics["images"] == 1000 and metrics["student"]["top1"] > 0.8
+    assert first.stdout.rstrip().endswith("on 1,000 test images")
+    assert "report: runs/demo/report/report.html" in first.stdout
+    assert (checkout / "runs" / "demo" / "report" / "report.html").stat().st_size > 50_000
+    for stage in ("crawl", "score", "filter", "perturb", "distill", "evaluate", "report"):
         assert (checkout / "runs" / "demo" / stage / "_SUCCESS.json").is_file()
 
     again = make(checkout, "all")
@@ -60,5 +68,6 @@ def test_make_all_runs_the_built_stages_and_names_the_missing_ones(checkout):
     assert "demo teacher: up to date, skipped" in log
     assert "crawl: up to date, skipped" in log
     assert "score: up to date, skipped" in log
-    assert "filter: up to date, skipped" in log
+    for stage in ("filter", "perturb", "distill", "evaluate", "report"):
+        assert f"{stage}: up to date, skipped" in log
     assert "crawl     done       attempted 10,200, succeeded 10,000, failed 200" in log

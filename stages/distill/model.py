@@ -9,6 +9,7 @@ features score cached, and then frozen.
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.mixing import mix_within_batch
 from pipeline.student import Student
 from stages.distill import losses
@@ -73,8 +74,6 @@ class DistillModel(nn.Module):
             modules = dict(student.net.net.named_modules())
             name = next(iter(dict(student.net.net.named_children()))) if mix_layer == "auto" else mix_layer
             if name not in modules:
-                from pipeline.errors import UserError
-
                 raise UserError(f"distill.mix_layer {mix_layer!r} is not a module of the student; its top-level "
                                 f"modules: {', '.join(dict(student.net.net.named_children()))}")
             modules[name].register_forward_hook(self._mix)
