@@ -16,6 +16,7 @@ from manifests.io import (
 )
 from manifests.schemas import (
                           CRAWL,
+                          IMAGE_KEYS,
                           PERTURBATION,
                           SCHEMAS,
                           SCORE,
@@ -27,6 +28,7 @@ from manifests.uid import uid_for
 
 __all__ = [
     "CRAWL",
+    "IMAGE_KEYS",
     "PERTURBATION",
     "SCHEMAS",
     "SCORE",

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+# the extensions under which a WebDataset sample of any stage holds its image
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
 
 @dataclass(frozen=True)
 class ManifestSchema:

@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from manifests import atomic_write_bytes, atomic_write_json, expand_shards
+from manifests import IMAGE_KEYS, atomic_write_bytes, atomic_write_json, expand_shards
 from pipeline import devices
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -34,7 +34,6 @@ from pipeline.teacher import load_teacher
 
 log = logging.getLogger("webdistill.evaluate")
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 

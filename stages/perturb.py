@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from manifests import (
+    IMAGE_KEYS,
     PERTURBATION,
     SELECTION,
     atomic_write_bytes,
@@ -50,9 +51,6 @@ from pipeline.mixing import channel_stats, mix_distribution
 from pipeline.rundir import RunDir
 
 log = logging.getLogger("webdistill.perturb")
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
 
 # ---------------------------------------------------------------- pure steps
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from manifests import atomic_write_bytes, atomic_write_json
+from manifests import IMAGE_KEYS, atomic_write_bytes, atomic_write_json
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
@@ -86,7 +86,7 @@ def plot_perturbations(perturb_dir: Path, path: Path, n: int = 8) -> bool:
     pairs = []
     for sample in wds.WebDataset([str(s) for s in shards[:1]], shardshuffle=False, empty_check=False):
         mix = next((k for k in sample if k.startswith("mix")), None)
-        original = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        original = next((k for k in IMAGE_KEYS if k in sample), None)
         if mix and original:
             pairs.append([Image.open(io.BytesIO(sample[k])).convert("RGB") for k in (original, mix)])
         if len(pairs) == n:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from manifests import (
     CRAWL,
+    IMAGE_KEYS,
     SCORE,
     SCORE_FAILURES,
     atomic_write_bytes,
@@ -56,9 +57,6 @@ from pipeline.rundir import RunDir
 from pipeline.teacher import Embedder, Teacher, load_embedder, load_teacher
 
 log = logging.getLogger("webdistill.score")
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
 
 # ---------------------------------------------------------------- the loader (runs in workers)
 

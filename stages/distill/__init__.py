@@ -150,7 +150,9 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         # DFND learns the transition logits with Adam at 1e-3, apart from the student
         self.theta_optimizer = torch.optim.Adam([model.theta], lr=1e-3) if model.theta is not None else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and settings.precision == "fp16")
+        fp16 = settings.precision == "fp16" or (settings.precision == "auto" and device.type == "cuda"
+                                                 and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and fp16)  # bf16 needs no scaling
 
     def teacher_outputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.online:

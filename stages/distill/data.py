@@ -23,9 +23,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from manifests import IMAGE_KEYS
 from pipeline.errors import UserError
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 def epoch_order(shards: list[str], seed: int, epoch: int) -> list[str]:
