@@ -188,7 +188,7 @@ class PerturbConfig:
 class DistillConfig:
     """The distill stage: the student learns the teacher's outputs on the selected web images.
 
-    ``preset`` fills every loss setting left null (see ``webdistill presets``); a key set here wins."""
+    Its preset fills every loss setting left null; a loss setting given here wins over the preset."""
 
     student: str = opt("resnet8", "student architecture (a name of student_library's registry)")
     student_library: str = opt("webdistill", "registry the student comes from",
@@ -428,7 +428,7 @@ def commented_defaults(cls=Config, indent: str = "") -> str:
         help_text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
         if choices:
             help_text += f" (one of: {', '.join(map(str, choices))})"
-        lines.append(f"{indent}# {help_text}")
+        lines.extend(f"{indent}# {line.strip()}" for line in help_text.splitlines() if line.strip())
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             lines.append(f"{indent}{f.name}:")
