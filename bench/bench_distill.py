@@ -72,7 +72,7 @@ def throughput(cfg, run: RunDir, epochs: int) -> dict:
     with_mix = recipe.perturbation == "offline"
     tensors = in_memory(data, teacher.transform, with_mix)
     loader = data.loader(teacher.transform, 0, 0, 0, 1, settings.batch_size, settings.num_workers,
-                         settings.shuffle_buffer, with_mix)
+                         settings.shuffle_buffer, with_mix, settings.cache_mb)
     scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: lr_factor(s, 10 ** 9, 0, "constant", []))
     stage, memory = [], []
     for epoch in range(epochs):

@@ -256,6 +256,8 @@ class DistillConfig:
     split: str = opt("shard", "how torchrun ranks share the transfer set: whole shards (each rank reads its own), or "
                      "every world_size-th sample of every shard (equal shares when there are few shards)",
                      choices=("shard", "sample"))
+    cache_mb: float = opt(1024.0, "decoded images each loader worker keeps in memory (MiB), so that epochs after the "
+                          "first skip reading and decoding; 0: decode every epoch")
     shuffle_buffer: int = opt(2000, "samples in the shuffle buffer (shard order is shuffled too)")
     seed: int = opt(0, "seed of initialisation, data order and augmentation: the same seed gives the same weights")
     keep_checkpoints: int = opt(2, "epoch checkpoints kept (the newest); training resumes from the last one")

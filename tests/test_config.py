@@ -1,7 +1,15 @@
+import dataclasses
+
 import pytest
 import yaml
 
-from pipeline.config import Config, commented_defaults, fingerprint, load_config
+from pipeline.config import (
+    Config,
+    commented_defaults,
+    dump_yaml,
+    fingerprint,
+    load_config,
+)
 from pipeline.errors import UserError
 from tests.conftest import REPO
 
@@ -62,3 +70,13 @@ def test_commented_defaults_is_the_loadable_default_config(tmp_path):
     assert "# seconds before a download gives up" in text
     assert load_config(write(tmp_path, text)) == Config()
     assert yaml.safe_load(text)["crawl"]["processes_count"] == Config().crawl.processes_count
+
+
+def test_a_dumped_config_reloads_with_the_same_fingerprints(tmp_path):
+    """A run directory's config.yaml must not look changed to the runner (e.g. an int default in a
+    float field would reload as a float and make every stage stale)."""
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    sections = [f.name for f in dataclasses.fields(Config)]
+    assert fingerprint(load_config(path), sections) == fingerprint(cfg, sections)

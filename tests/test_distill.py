@@ -207,6 +207,27 @@ def test_epoch_plan_is_deterministic_and_ranks_take_equal_steps():
         [{"__url__": "a", "i": 1}, {"__url__": "b", "i": 1}]
 
 
+def test_decoded_cache_gives_the_same_batches_and_resumes_mid_run(upstream, mnist_teacher):
+    from pipeline.config import load_config
+    from pipeline.rundir import RunDir
+    from pipeline.teacher import load_teacher
+    from stages.distill import transfer_set
+
+    data, _ = transfer_set(RunDir(upstream))
+    transform = load_teacher(load_config(None, mnist_teacher).teacher).transform
+
+    def epochs(cache_mb, start=0, n=3):
+        loader = data.loader(transform, start, 5, 0, 1, 32, 0, 64, True, cache_mb)
+        return [[(b["row"], b["image"], b["mix"]) for b in loader] for _ in range(n)]
+
+    plain, cached = epochs(0), epochs(1024)
+    for a, b in zip(plain, cached):
+        assert len(a) == len(b) and all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+    assert not torch.equal(plain[0][0][0], plain[1][0][0])  # each epoch has its own order
+    resumed = epochs(1024, start=2, n=1)[0]  # a loader started at epoch 2 sees epoch 2's batches
+    assert all(torch.equal(x, y) for p, q in zip(resumed, plain[2]) for x, y in zip(p, q))
+
+
 # ---------------------------------------------------------------- distill
 
 @pytest.mark.parametrize("preset", ["kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "webdistill"])

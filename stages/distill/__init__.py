@@ -236,8 +236,7 @@ class Trainer:
         bar = tqdm(total=steps, desc=f"distill epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
                    disable=not devices.is_main())
         for step, batch in enumerate(itertools.islice(loader, steps)):
-            loss, terms = self.loss(batch, (epoch + step / steps) / max(1, epochs - 1) if epochs > 1 else 0.0,
-                                    generator)
+            loss, terms = self.loss(batch, (epoch + step / steps) / epochs, generator)  # progress, 0 → 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.theta_optimizer:
                 self.theta_optimizer.zero_grad(set_to_none=True)
@@ -358,7 +357,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
     checkpoints.mkdir(parents=True, exist_ok=True)
     start, history = resume(checkpoints, trainer, scheduler)
     loader = data.loader(teacher.transform, start, settings.seed, rank, world, settings.batch_size,
-                         settings.num_workers, settings.shuffle_buffer, with_mix)
+                         settings.num_workers, settings.shuffle_buffer, with_mix, settings.cache_mb)
 
     t0 = time.time()
     for epoch in range(start, settings.epochs):

@@ -11,6 +11,9 @@ The shard sizes are known (``perturb/shards.json``), so every rank computes ever
 count and all stop after the smallest: no collective is needed to agree. With few shards per rank
 that wastes data; ``split: sample`` then has every rank read every shard and keep every
 world_size-th sample (more reading, equal shares).
+
+Each worker keeps the shards it has decoded in memory, up to ``distill.cache_mb``: on a small
+transfer set every epoch after the first skips reading and decoding, with the same batches.
 """
 
 import io
@@ -88,11 +91,26 @@ class EpochStream(torch.utils.data.IterableDataset):
     worker's copy counts the same epochs, so the stream stays a function of (seed, epoch)."""
 
     def __init__(self, data: "TransferSet", transform, seed: int, rank: int, world: int, batch_size: int,
-                 shuffle_buffer: int, with_mix: bool, start_epoch: int, split: str):
+                 shuffle_buffer: int, with_mix: bool, start_epoch: int, split: str, cache_mb: float):
         self.data, self.transform, self.seed, self.rank, self.world = data, transform, seed, rank, world
         self.split = split
         self.batch_size, self.shuffle_buffer, self.with_mix = batch_size, shuffle_buffer, with_mix
         self.epoch = start_epoch
+        # decoded shards kept by this worker, up to cache_mb: later epochs skip reading and decoding
+        self.cache_bytes, self.cached_bytes, self.cache = cache_mb * 2 ** 20, 0, {}
+
+    def shard(self, url: str) -> list[dict]:
+        """One shard's samples for this rank, decoded (from the cache after the first time)."""
+        if url in self.cache:
+            return self.cache[url]
+        samples = wds.tarfile_to_samples()(iter([{"url": url}]))
+        if self.split == "sample":
+            samples = every_nth_per_shard(samples, self.rank, self.world)
+        decoded = [decode(s, self.transform, self.data.rows, self.with_mix) for s in samples]
+        size = sum(t.numel() * t.element_size() for d in decoded for t in d.values() if torch.is_tensor(t))
+        if self.cached_bytes + size <= self.cache_bytes:
+            self.cache[url], self.cached_bytes = decoded, self.cached_bytes + size
+        return decoded
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
@@ -100,14 +118,10 @@ class EpochStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         ordered = epoch_order(sorted(self.data.counts), self.seed, epoch)
         mine = rank_shards(ordered, self.rank, self.world) if self.split == "shard" else ordered
-        urls = [{"url": str(self.data.folder / s)} for s in mine[worker::workers]]
-        samples = wds.tarfile_to_samples()(iter(urls))
-        if self.split == "sample":
-            samples = every_nth_per_shard(samples, self.rank, self.world)
+        decoded = (sample for s in mine[worker::workers] for sample in self.shard(str(self.data.folder / s)))
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
-        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(samples)
-        decoded = (decode(s, self.transform, self.data.rows, self.with_mix) for s in samples)
-        yield from wds.batched(self.batch_size, collation_fn=collate, partial=True)(decoded)
+        shuffled = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(decoded)
+        yield from wds.batched(self.batch_size, collation_fn=collate, partial=True)(shuffled)
 
 
 @dataclass
@@ -140,10 +154,10 @@ class TransferSet:
         return min(batches_per_rank(ordered, self.counts, world, self.workers(world, workers), batch_size, self.split))
 
     def loader(self, transform, start_epoch: int, seed: int, rank: int, world: int, batch_size: int, workers: int,
-               shuffle_buffer: int, with_mix: bool) -> torch.utils.data.DataLoader:
+               shuffle_buffer: int, with_mix: bool, cache_mb: float = 0) -> torch.utils.data.DataLoader:
         """This rank's loader; each ``iter()`` of it is the next epoch, from ``start_epoch`` on."""
         stream = EpochStream(self, transform, seed, rank, world, batch_size, shuffle_buffer, with_mix, start_epoch,
-                             self.split)
+                             self.split, cache_mb)
         n = self.workers(world, workers)
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=n, persistent_workers=n > 0,
                                            prefetch_factor=4 if n else None)
