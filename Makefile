@@ -16,7 +16,7 @@ export WANDB_MODE := disabled
 
 STAGES := crawl score filter perturb distill evaluate report
 
-.PHONY: help setup demo-data teacher all test bench status clean $(STAGES)
+.PHONY: help setup demo-data teacher all test bench bench-stages status clean $(STAGES)
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
@@ -49,7 +49,11 @@ status: setup  ## show which stages of runs/demo are done, stale or missing
 test: setup  ## run the test suite
 	$(PY) -m pytest -q
 
-bench: teacher  ## benchmarks: crawl vs raw img2dataset, score vs bare forward pass, filter vs brute-force kNN, distill vs in-memory loop + top-1 per preset
+bench: teacher  ## methods × 3 seeds on the demo web (bench/results/methods.md), then the stage benchmarks
+	$(WD) bench $(CONFIG)
+	$(MAKE) --no-print-directory bench-stages
+
+bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, filter vs brute-force kNN, distill vs in-memory loop
 	$(PY) bench/bench_crawl.py --config $(CONFIG)
 	$(PY) bench/bench_score.py --config $(CONFIG)
 	$(PY) bench/bench_filter.py --config $(CONFIG)

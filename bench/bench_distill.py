@@ -1,24 +1,18 @@
-"""Benchmark: distill's training throughput against an in-memory loop, and student top-1 per preset.
+"""Benchmark: distill's training throughput against an in-memory loop.
 
-1. Throughput. The same student, teacher, recipe and training step (``Trainer.epoch``), fed
-   (a) by the stage's WebDataset loader streaming perturb's shards (decoding in DataLoader
-   workers), and (b) by batches sliced from tensors decoded into memory beforehand. Both run
-   ``--epochs`` epochs in alternation; the ratio of their median images/s says whether the data
-   path is the bottleneck (goal ≥ 0.8).
-2. Accuracy. For each preset, its own run directory under bench/work/distill/<preset> holding a
-   copy of the demo's crawl/score/filter/perturb, then distill and evaluate (the private test
-   split), one seed each unless ``--seeds``.
+The same student, teacher, recipe and training step (``Trainer.epoch``), fed (a) by the stage's
+WebDataset loader streaming perturb's shards (decoding in DataLoader workers), and (b) by
+batches sliced from tensors decoded into memory beforehand. Both run ``--epochs`` epochs in
+alternation; the ratio of their median images/s says whether the data path is the bottleneck
+(goal ≥ 0.8). Student accuracy per method is ``webdistill bench`` (pipeline/bench.py).
 
-    python bench/bench_distill.py [--config configs/demo.yaml] [--presets kd ipwd kd3 webdistill] [--seeds 0]
+    python bench/bench_distill.py [--config configs/demo.yaml] [--throughput-epochs 4]
 """
 
 import argparse
 import json
-import platform
-import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +22,7 @@ import torch  # noqa: E402
 
 from manifests import read_array  # noqa: E402
 from pipeline import devices  # noqa: E402
+from pipeline.bench import machine  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
@@ -89,29 +84,9 @@ def throughput(cfg, run: RunDir, epochs: int) -> dict:
             "epochs": epochs}
 
 
-def preset_run(config: str, demo_run: Path, preset: str, seed: int) -> dict:
-    run_dir = WORK / f"{preset}-seed{seed}"
-    if not (run_dir / "evaluate" / "_SUCCESS.json").is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        for stage in UPSTREAM:
-            shutil.copytree(demo_run / stage, run_dir / stage)
-    cfg = load_config(config, [f"run_dir={run_dir}", f"distill.preset={preset}", f"distill.seed={seed}"])
-    t0 = time.time()
-    run_stages(cfg, STAGES, only=["distill", "evaluate"])
-    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
-    summary = json.loads((run_dir / "distill" / "summary.json").read_text())
-    return {"preset": preset, "seed": seed, "student_top1": metrics["student"]["top1"],
-            "student_macro_recall": metrics["student"]["macro_recall"], "student_ece": metrics["student"]["ece"],
-            "teacher_top1": metrics["teacher"]["top1"], "agreement": metrics["agreement"],
-            "train_s": (RunDir(run_dir).record("distill") or {}).get("duration_s"), "recipe": summary["recipe"],
-            "wall_s": round(time.time() - t0, 1)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--presets", nargs="*", default=["kd", "ipwd", "kd3", "webdistill"])
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--throughput-epochs", type=int, default=4)
     args = parser.parse_args()
     cfg = load_config(args.config)
@@ -121,29 +96,14 @@ def main():
     print("throughput: distill's loader vs tensors in memory, same training step", flush=True)
     rows = [throughput(load_config(args.config, [f"distill.preset={p}"]), demo, args.throughput_epochs)
             for p in ("kd", "kd3")]
-    print("accuracy per preset (private test split)", flush=True)
-    runs = [preset_run(args.config, demo.root, p, s) for p in args.presets for s in args.seeds]
-
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only" \
-        if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    lines = ["# distill benchmark", "", f"Machine: {machine}. Demo: {cfg.distill.epochs} epochs, "
-             f"{cfg.distill.student}, batch {cfg.distill.batch_size}.", "", "## Throughput (images/s)", "",
+    lines = ["# distill throughput", "", f"Machine: {machine()}. Demo: {cfg.distill.student}, batch "
+             f"{cfg.distill.batch_size}.", "", "## Images/s: the stage's loader vs tensors in memory", "",
              pd.DataFrame(rows).to_markdown(index=False), ""]
-    if runs:
-        table = pd.DataFrame(runs)
-        grouped = table.groupby("preset", sort=False).agg(
-            top1_mean=("student_top1", "mean"), top1_std=("student_top1", "std"),
-            macro_recall=("student_macro_recall", "mean"), ece=("student_ece", "mean"), seeds=("seed", "count"),
-            train_s=("train_s", "mean")).reset_index()
-        lines += [f"## Student top-1 on the private test split (teacher {100 * table['teacher_top1'].iloc[0]:.2f}%)",
-                  "", grouped.to_markdown(index=False, floatfmt=".4f"), "", table.to_markdown(index=False, floatfmt=".4f"),
-                  ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "distill" if runs else "distill_throughput"
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
-    (RESULTS / f"{name}.json").write_text(json.dumps({"throughput": rows, "runs": runs}, indent=2, default=float))
+    (RESULTS / "distill_throughput.md").write_text("\n".join(lines))
+    (RESULTS / "distill_throughput.json").write_text(json.dumps({"throughput": rows}, indent=2, default=float))
     print("\n".join(lines))
-    print(f"wrote {RESULTS / name}.md", file=sys.stderr)
+    print(f"wrote {RESULTS / 'distill_throughput.md'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

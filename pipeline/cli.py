@@ -137,6 +137,30 @@ def demo_teacher(target, force, overrides):
 
 
 @cli.command()
+@click.argument("target", required=False)
+@click.option("--only", help="Comma-separated methods to run (default: bench.methods and the ablations).")
+@click.option("--list", "list_methods", is_flag=True, help="List the methods and ablations, then exit.")
+@_SET
+def bench(target, only, list_methods, overrides):
+    """Compare methods over seeds on TARGET's web pool; tables and plots in bench.results_dir.
+
+    Each method × seed is its own run directory under bench.work_dir/runs; stages another run
+    has already done with the same settings are linked, not recomputed, so a second bench only
+    rebuilds the tables. The student's top-1 is measured on evaluate.test_set.
+    """
+    from pipeline.bench import ABLATIONS, METHODS, run_bench
+
+    if list_methods:
+        for name, method in {**METHODS, **ABLATIONS}.items():
+            click.echo(f"{name:<28} {method.about}")
+        return
+    if target is None or Path(target).is_dir():
+        raise UserError("webdistill bench needs a config file (e.g. configs/bench.yaml)")
+    result = run_bench(target, overrides, only.split(",") if only else None)
+    click.echo(result["markdown"])
+
+
+@cli.command()
 def defaults():
     """Print the default config, every key with its help text."""
     click.echo(commented_defaults())

@@ -211,6 +211,10 @@ class DistillConfig:
     warmup_epochs: float = opt(1.0, "linear warm-up (cosine, step, constant schedules)")
     augment_shift: int = opt(2, "random translation of up to this many pixels; 0: none")
     augment_hflip: bool = opt(False, "random horizontal flips (off: digits and text are not mirror-symmetric)")
+    augment_rotate: float = opt(0.0, "random rotation of up to ± this many degrees; 0: none")
+    augment_scale: float = opt(0.0, "random zoom by a factor in [1 − s, 1 + s]; 0: none")
+    augment_mixup: float = opt(0.0, "mixup of each image with another of its batch, λ ~ Beta(a, a), the teacher "
+                               "labelling the mixed image (function matching, Beyer et al. 2022); 0: none")
     teacher_logits: str = opt("auto", "online: run the teacher on every view; cached: the logits score wrote "
                               "(un-augmented views only); auto: cached when nothing is augmented",
                               choices=("auto", "online", "cached"))
@@ -288,6 +292,25 @@ class DemoConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`webdistill bench`: a student per method and seed on this config's web pool, scored on evaluate.test_set."""
+
+    methods: list = opt(["upper_bound", "oracle_filter", "pool_kd", "random_kd", "dfnd", "filter_kd", "filter_ipw",
+                         "kd3", "iekd", "webdistill"], "methods compared (pipeline/bench.py METHODS: name, what it trains on, its "
+                        "config overrides; `webdistill bench --list`)")
+    ablations: bool = opt(True, "also train webdistill with one component removed at a time")
+    seeds: list = opt([0, 1, 2], "seeds of every method (distill.seed; the random subset's filter.seed)")
+    train_images: int = opt(60000, "training images every student sees: epochs = train_images / its transfer set "
+                            "(rounded, at least 1), so every method gets the same compute")
+    upper_bound_data: str | None = opt(None, "labelled private training images (WebDataset shards with .cls, or a "
+                                       "folder per class) for the upper_bound method: KD on the private data itself")
+    pool_sizes: list = opt([], "smaller pools (URL-list rows, a seeded sample) run end to end with webdistill to "
+                           "time each stage against pool size; the full pool is always timed")
+    work_dir: str = opt("bench/work", "where each method's run directories go (runs/<method>/seed<k>)")
+    results_dir: str = opt("bench/results", "where the tables and plots go")
+
+
+@dataclass
 class Config:
     run_dir: str = opt("runs/demo", "run directory: one folder per stage, completion records, resolved config")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
@@ -299,6 +322,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": DistillConfig.__doc__})
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"help": EvaluateConfig.__doc__})
     demo: DemoConfig = field(default_factory=DemoConfig, metadata={"help": DemoConfig.__doc__})
+    bench: BenchConfig = field(default_factory=BenchConfig, metadata={"help": BenchConfig.__doc__})
 
 
 def _closest(key: str, valid: list[str]) -> str:

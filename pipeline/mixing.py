@@ -43,13 +43,13 @@ def mix_within_batch(x: torch.Tensor, alpha: float, generator: torch.Generator |
     Statistics are detached, as MixStyle does: the perturbation is data, not a path for gradients."""
     n = len(x)
     lam = torch.distributions.Beta(alpha, alpha).sample((n,)).to(x.device) if generator is None else \
-        _beta(alpha, n, generator).to(x.device)
+        beta(alpha, n, generator).to(x.device)
     partner = _partners(n, same_class, generator).to(x.device)
     mean, std = channel_stats(x.detach())
     return mix_distribution(x, mean[partner], std[partner], lam)
 
 
-def _beta(alpha: float, n: int, generator: torch.Generator) -> torch.Tensor:
+def beta(alpha: float, n: int, generator: torch.Generator) -> torch.Tensor:
     """Beta(α, α) samples from a seeded generator, as X/(X+Y) with X, Y ~ Gamma(α):
     torch.distributions.Beta draws from the global RNG only."""
     gx = torch._standard_gamma(torch.full((n,), float(alpha)), generator=generator)

@@ -3,8 +3,8 @@
 ``create_model(name, library, num_classes, in_chans)`` builds an untrained network from
 webdistill's own registry (small CIFAR-style ResNets for 28–32 px images), timm, or torchvision.
 Weights always come from local files (``pipeline.teacher``); nothing is ever downloaded.
-Every webdistill model ends in ``global_pool`` → ``fc``: the input of ``fc`` is the
-penultimate feature vector.
+Every webdistill model ends in ``global_pool`` → a linear classifier (``fc``; ``linear`` in
+the CIFAR ResNet-18/34): the classifier's input is the penultimate feature vector.
 """
 
 from collections.abc import Callable
@@ -97,6 +97,44 @@ class ConvNet(nn.Module):
 @register_model
 def convnet5(num_classes: int = 10, in_chans: int = 3, width: int = 32) -> nn.Module:
     return ConvNet(num_classes, in_chans, width)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-18/34 for 32 px images (3×3 stem, no max-pool, widths 64–512): the teacher/student
+    pair of DFND, KD³ and CMI. Module names follow DAFL's ``resnet.py`` (conv1, bn1, layer1–4,
+    linear), so the CIFAR checkpoints those projects publish load with ``format: webdistill``."""
+
+    def __init__(self, blocks: tuple, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        c_in = 64
+        for i, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            layer = []
+            for j in range(n):
+                layer.append(BasicBlock(c_in, width, stride=2 if i > 0 and j == 0 else 1))
+                c_in = width
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = c_in
+        self.linear = nn.Linear(c_in, num_classes)
+
+    def forward_features(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.global_pool(self.layer4(self.layer3(self.layer2(self.layer1(x)))))
+
+    def forward(self, x):
+        return self.linear(self.forward_features(x))
+
+
+@register_model
+def cifar_resnet18(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return CifarResNet((2, 2, 2, 2), num_classes, in_chans)
+
+
+@register_model
+def cifar_resnet34(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return CifarResNet((3, 4, 6, 3), num_classes, in_chans)
 
 
 def _resnet(depth: int, widths):

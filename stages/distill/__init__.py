@@ -45,6 +45,7 @@ from manifests import (
 from pipeline import devices
 from pipeline.config import Config, DistillConfig
 from pipeline.errors import UserError
+from pipeline.mixing import beta
 from pipeline.rundir import RunDir
 from pipeline.student import Student, save_student
 from pipeline.teacher import Teacher, load_teacher
@@ -106,21 +107,57 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, milestones: list) -
     return 1.0
 
 
-def augment(x: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``shift`` pixels (border pixels repeat) and optional flips, on the device."""
+def augments(settings: DistillConfig) -> bool:
+    """Whether any augmentation is on (then the teacher must label every view online)."""
+    return bool(settings.augment_shift or settings.augment_hflip or settings.augment_rotate
+                or settings.augment_scale or settings.augment_mixup)
+
+
+def shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``pixels`` in each direction; border pixels repeat."""
     n, _, h, w = x.shape
-    if shift:
-        padded = F.pad(x, (shift,) * 4, mode="replicate")
-        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h)).to(x.device)  # (n, h)
-        cols = (dx[:, None] + torch.arange(w)).to(x.device)  # (n, w)
-        x = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)
-                   [None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    if hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (pixels,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)).to(x.device)  # (n, h)
+    cols = (dx[:, None] + torch.arange(w)).to(x.device)  # (n, w)
+    return padded[torch.arange(n, device=x.device)[:, None, None, None],
+                  torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def rotate_scale(x: torch.Tensor, degrees: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation within ±``degrees`` and zoom within 1 ± ``scale`` about the centre; border pixels repeat."""
+    n = len(x)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(n, generator=generator) * 2 - 1) * scale
+    theta = torch.zeros(n, 2, 3)
+    # affine_grid maps output to input coordinates: dividing by the zoom enlarges the content
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / zoom, -torch.sin(angle) / zoom
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / zoom, torch.cos(angle) / zoom
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def augment(x: torch.Tensor, settings: DistillConfig, generator: torch.Generator) -> torch.Tensor:
+    """The geometric augmentations of ``settings`` (shift, rotation/zoom, flip), per image, on the device."""
+    if settings.augment_shift:
+        x = shift(x, settings.augment_shift, generator)
+    if settings.augment_rotate or settings.augment_scale:
+        x = rotate_scale(x, settings.augment_rotate, settings.augment_scale, generator)
+    if settings.augment_hflip:
+        flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
+
+
+def mixup(views: list[torch.Tensor], alpha: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Each image blended with another of the batch, λ ~ Beta(alpha, alpha) per image; every view
+    gets the same partners and λ so that an image and its perturbation stay a pair."""
+    n = len(views[0])
+    partner = torch.randperm(n, generator=generator)
+    lam = beta(alpha, n, generator).to(views[0].device)[:, None, None, None]
+    return [lam * v + (1 - lam) * v[partner.to(v.device)] for v in views]
 
 
 # ---------------------------------------------------------------- one step
@@ -137,7 +174,7 @@ class Trainer:
         self.weights, self.device, self.autoencoder = weights, device, autoencoder
         self.cached_logits, self.cached_features = cached_logits, cached_features
         self.online = settings.teacher_logits == "online" or (
-            settings.teacher_logits == "auto" and (settings.augment_shift or settings.augment_hflip))
+            settings.teacher_logits == "auto" and augments(settings))
         self.ddp = model
         if devices.world_size() > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -168,14 +205,16 @@ class Trainer:
 
     def loss(self, batch: dict, epoch_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         r, s = self.recipe, self.settings
-        x = augment(batch["image"].to(self.device, non_blocking=True), s.augment_shift, s.augment_hflip, generator)
-        rows = batch["row"]
+        views = [augment(batch[key].to(self.device, non_blocking=True), s, generator)
+                 for key in ("image", "mix") if key == "image" or r.perturbation == "offline"]
+        if s.augment_mixup:
+            views = mixup(views, s.augment_mixup, generator)
+        x, rows = views[0], batch["row"]
         t_logits, t_features = self.teacher_outputs(x, rows)
         n = len(x)
         mix_from = None
         if r.perturbation == "offline":
-            view = augment(batch["mix"].to(self.device, non_blocking=True), s.augment_shift, s.augment_hflip, generator)
-            inputs = torch.cat([x, view])
+            inputs = torch.cat(views)
         elif r.perturbation == "online":
             inputs, mix_from = torch.cat([x, x]), n
         else:
@@ -344,7 +383,7 @@ def run(cfg: Config, run_dir: RunDir) -> dict:
         autoencoder.to(device)
     trainer = Trainer(settings, recipe, teacher, model, sample_weights(recipe, selection, logits), logits, features,
                       autoencoder, device)
-    if not trainer.online and (settings.augment_shift or settings.augment_hflip):
+    if not trainer.online and augments(settings):
         log.warning("distill: teacher_logits cached with augmentation: the cached logits are of the "
                     "un-augmented images")
 
