@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.webdistill-installed
 CONFIG ?= configs/demo.yaml
+# synthetic pool sizes of the filter benchmark; 1000000 adds ~10 minutes
+FILTER_SIZES ?= 100000
 RUN_DIR ?= runs/demo
 # `python -m pipeline` runs the code of this checkout (not another editable install)
 WD := $(PY) -m pipeline
@@ -56,7 +58,7 @@ bench: teacher  ## methods × 3 seeds on the demo web (bench/results/methods.md)
 bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, filter vs brute-force kNN, distill vs in-memory loop
 	$(PY) bench/bench_crawl.py --config $(CONFIG)
 	$(PY) bench/bench_score.py --config $(CONFIG)
-	$(PY) bench/bench_filter.py --config $(CONFIG)
+	$(PY) bench/bench_filter.py --config $(CONFIG) --sizes $(FILTER_SIZES)
 	$(PY) bench/bench_distill.py --config $(CONFIG)
 
 clean:  ## remove run outputs and demo data (keeps .venv)

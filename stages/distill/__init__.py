@@ -275,6 +275,8 @@ class Trainer:
         bar = tqdm(total=steps, desc=f"distill epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
                    disable=not devices.is_main())
         for step, batch in enumerate(itertools.islice(loader, steps)):
+            if len(batch["row"]) == 1:  # a worker's last batch: BatchNorm cannot train on one image
+                batch = {k: torch.cat([v, v]) for k, v in batch.items()}  # (skipping it would stall DDP)
             loss, terms = self.loss(batch, (epoch + step / steps) / epochs, generator)  # progress, 0 → 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.theta_optimizer:
