@@ -142,8 +142,7 @@ class Bench:
         return load_config(self.config, [*self.overrides, *sets, f"run_dir={run_dir}", f"distill.seed={seed}",
                                          *extra])
 
-    def run(self, name: str, method: Method, seed: int, run_dir: Path | None = None, extra=(),
-            stages=("distill", "evaluate")) -> RunDir:
+    def run(self, name: str, method: Method, seed: int, run_dir: Path | None = None, extra=()) -> RunDir:
         """Upstream stages (linked from a donor when one has them), then distill and evaluate with
         epochs set so that the student sees ``bench.train_images`` images."""
         run_dir = run_dir or self.work / "runs" / name / f"seed{seed}"
@@ -157,7 +156,7 @@ class Bench:
             self.donors.append(run)
         if not any(e.startswith("distill.epochs=") for e in extra):
             extra = (*extra, f"distill.epochs={epochs_for(run, self.cfg.bench.train_images)}")
-        run_stages(self.load(run_dir, method, seed, extra), STAGES, only=list(stages))
+        run_stages(self.load(run_dir, method, seed, extra), STAGES, only=["distill", "evaluate"])
         return run
 
 
