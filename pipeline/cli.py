@@ -155,7 +155,7 @@ def bench(target, only, list_methods, overrides):
             click.echo(f"{name:<28} {method.about}")
         return
     if target is None or Path(target).is_dir():
-        raise UserError("webdistill bench needs a config file (e.g. configs/bench.yaml)")
+        raise UserError("webdistill bench needs a config file (e.g. configs/demo.yaml)")
     result = run_bench(target, overrides, only.split(",") if only else None)
     click.echo(result["markdown"])
 

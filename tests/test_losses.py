@@ -154,3 +154,24 @@ def test_presets_fill_nulls_and_explicit_keys_win():
         resolve(load_config(None, ["distill.contrastive_weight=0.5"]).distill)
     with pytest.raises(UserError, match="did you mean 'temperature'"):
         load_config(None, ["distill.temprature=3"])
+
+
+def test_mixup_pairs_every_view_alike_and_blends_convexly():
+    from stages.distill import mixup
+
+    # image i is the constant i: a mixed image is λ·i + (1 − λ)·j, between i and j
+    x = torch.arange(6, dtype=torch.float32)[:, None, None, None].expand(6, 1, 3, 3).clone()
+    out, doubled = mixup([x, 2 * x], 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(doubled, 2 * out)  # the perturbed view got the same partners and λ
+    assert torch.allclose(out, out[:, :, :1, :1].expand_as(out))  # still constant per image
+    assert ((out >= 0) & (out <= 5)).all() and not torch.allclose(out, x)
+
+
+def test_rotate_scale_is_the_identity_at_zero_and_keeps_the_centre():
+    from stages.distill import rotate_scale
+
+    x = torch.rand(4, 1, 9, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(rotate_scale(x, 0.0, 0.0, torch.Generator().manual_seed(1)), x, atol=1e-5)
+    turned = rotate_scale(x, 30.0, 0.2, torch.Generator().manual_seed(1))
+    assert torch.allclose(turned[:, :, 4, 4], x[:, :, 4, 4], atol=1e-5)  # about the centre
+    assert not torch.allclose(turned, x, atol=1e-3)
