@@ -158,6 +158,8 @@ class FilterConfig:
         choices=("class_frequency", "density", "class_frequency_x_density", "ipwd_bayes", "ipwd_literal", "none"))
     class_prior: str = opt("uniform", "prior of class_frequency: uniform, or the labels of the reference set",
                            choices=("uniform", "reference"))
+    weight_power: float = opt(1.0, "weight = (1/propensity)^weight_power before normalising: 1 is IPW as published, "
+                              "0.5 tempers it (a square root: less variance, less correction), 0 turns it off")
     weight_clip: list = opt([0.1, 10.0], "[min, max] of the normalised weights (their mean stays 1)")
     exact_search_max: int = opt(50000, "kNN over up to this many vectors is exact (faiss IndexFlat); an IVF index "
                                 "is used above")
@@ -213,6 +215,9 @@ class DistillConfig:
     augment_hflip: bool = opt(False, "random horizontal flips (off: digits and text are not mirror-symmetric)")
     augment_rotate: float = opt(0.0, "random rotation of up to ± this many degrees; 0: none")
     augment_scale: float = opt(0.0, "random zoom by a factor in [1 − s, 1 + s]; 0: none")
+    augment_elastic: float = opt(0.0, "elastic distortion (Simard et al. 2003): scale α in pixels of the smoothed "
+                                 "random displacement field (their MNIST setting: 34); 0: none")
+    augment_elastic_sigma: float = opt(4.0, "σ in pixels of the Gaussian that smooths the elastic displacement field")
     augment_mixup: float = opt(0.0, "mixup of each image with another of its batch, λ ~ Beta(a, a), the teacher "
                                "labelling the mixed image (function matching, Beyer et al. 2022); 0: none")
     teacher_logits: str = opt("auto", "online: run the teacher on every view; cached: the logits score wrote "

@@ -427,7 +427,7 @@ def filter_pool(settings: FilterConfig, manifest: pd.DataFrame, vectors: np.ndar
         None if found.class_probability is None else found.class_probability[kept], vectors[kept], n_classes, prior,
         settings)
     weight = np.zeros(len(keep), np.float32)
-    weight[kept] = normalised_weights(1 / kept_propensity, low, high)
+    weight[kept] = normalised_weights(kept_propensity ** -settings.weight_power, low, high)
     propensity_column = np.full(len(keep), np.nan, np.float32)
     propensity_column[kept] = kept_propensity
     timings["propensity_s"] = time.time() - t1

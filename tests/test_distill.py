@@ -263,6 +263,21 @@ def test_online_perturbation_aligned_classifier_adamw_step_schedule(upstream, sm
     assert history["lr"].tolist() == pytest.approx([0.0002, 0.0002])  # dropped ×0.1 at half way
 
 
+def test_a_one_image_last_batch_trains_batchnorm_heads_and_elastic_views(upstream, small_web, mnist_teacher,
+                                                                         private, tmp_path):
+    run_dir = fresh(upstream, tmp_path / "run")
+    kept = int(pd.read_parquet(run_dir / "filter" / "selection.parquet")["keep"].sum())
+    # one loader process and a batch one short of the kept set: the epoch ends with a single image,
+    # which IE-KD's BatchNorm1d heads cannot train on unless the trainer doubles it
+    cfg = config(small_web, run_dir, mnist_teacher, private, "distill.preset=iekd", "distill.ae_epochs=1",
+                 "distill.num_workers=0", f"distill.batch_size={kept - 1}", "distill.epochs=1",
+                 "distill.augment_elastic=34")
+    run_stages(cfg, STAGES, only=["distill"])
+    history = pd.read_csv(run_dir / "distill" / "history.csv")
+    assert history["images"].tolist() == [kept + 1]  # both batches trained, the last one doubled
+    assert np.isfinite(history[["kd", "inherit", "explore"]].to_numpy()).all()
+
+
 def test_kill_9_then_resume_gives_the_same_weights(upstream, small_web, mnist_teacher, private, tmp_path):
     settings = ["distill.epochs=5", "distill.batch_size=16", "distill.seed=7", "distill.preset=kd3",
                 "distill.selection_tau=0.3"]

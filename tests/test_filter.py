@@ -122,6 +122,16 @@ def test_weights_mean_one_within_clip_and_favour_rare_classes(tmp_path):
                                rtol=1e-5)
 
 
+def test_weight_power_tempers_the_inverse_propensities(tmp_path):
+    run_dir, _ = planted_pool(tmp_path)
+    tempered = run_filter(run_dir, "filter.policy=none", "filter.weight_power=0.5", "filter.weight_clip=[0.01, 100]")
+    w, e = tempered["weight"].to_numpy(), tempered["propensity"].to_numpy()
+    np.testing.assert_allclose(w * np.sqrt(e), (w * np.sqrt(e))[0], rtol=1e-4)  # w ∝ propensity^-0.5
+    assert e.std() > 0.1  # the classes are unequal, so this was not a tautology
+    off = run_filter(run_dir, "filter.policy=none", "filter.weight_power=0")
+    np.testing.assert_allclose(off["weight"], 1.0, rtol=1e-6)
+
+
 def test_normalised_weights_hits_mean_one_with_clipping():
     raw = np.array([0.01, 0.5, 1, 1, 2, 50, 1000])
     w = filter_stage.normalised_weights(raw, 0.1, 3.0)
