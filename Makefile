@@ -18,7 +18,7 @@ export WANDB_MODE := disabled
 
 STAGES := crawl score filter perturb distill evaluate report
 
-.PHONY: help setup demo-data teacher all test bench bench-stages status clean $(STAGES)
+.PHONY: help setup demo-data teacher all test bench bench-stages bench-variants status clean $(STAGES)
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
@@ -27,6 +27,9 @@ help:  ## list the targets
 setup: $(STAMP)  ## create .venv and install webdistill (idempotent: a stamp file skips it next time)
 
 $(STAMP): pyproject.toml constraints.txt
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); [ "$$free_kb" -gt 9000000 ] || echo "warning: \
+	$$((free_kb / 1024)) MiB free on this disk; the install needs about 9 GiB (torch's CUDA build runs on \
+	CPU too and brings its nvidia packages): pip may fail with 'No space left on device'" >&2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
@@ -60,6 +63,9 @@ bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, 
 	$(PY) bench/bench_score.py --config $(CONFIG)
 	$(PY) bench/bench_filter.py --config $(CONFIG) --sizes $(FILTER_SIZES)
 	$(PY) bench/bench_distill.py --config $(CONFIG)
+
+bench-variants: teacher  ## settings of filter + KD (budget, T, IPW, augmentation) × 2 seeds, judged on the private train split (~20 min)
+	$(PY) bench/bench_variants.py --config $(CONFIG)
 
 clean:  ## remove run outputs and demo data (keeps .venv)
 	rm -rf runs demo_data bench/work
