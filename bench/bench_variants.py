@@ -65,7 +65,7 @@ def main() -> None:
     table = runs.groupby("method", sort=False).agg(
         transfer_set=("transfer_set", "first"), epochs=("epochs", "first"),
         mean=("student_top1", "mean"), std=("student_top1", "std"), seeds=("seed", "count"))
-    table["validation top-1 %"] = [f"{100 * m:.2f} ± {100 * (0 if pd.isna(s) else s):.2f}"
+    table["validation top-1 %"] = [f"{100 * m:.2f}" + ("" if pd.isna(s) else f" ± {100 * s:.2f}")
                                    for m, s in zip(table["mean"], table["std"])]
     table.insert(0, "what", [VARIANTS[n].about for n in table.index])
     results = Path(cfg.bench.results_dir)

@@ -15,8 +15,8 @@ not at all after ``make all``), a filter once per filter setting, and a second `
 every stage done and only rebuilds the tables.
 
 Writes, under ``bench.results_dir``: methods.csv (one row per run), methods.md (mean ± std per
-method, share of the upper bound, the goal check), methods.png, ablation.{csv,md} (webdistill
-minus one component at a time), timings.{csv,md} and scaling.png (seconds per stage against
+method, share of the upper bound, the goal check), methods.png, ablation.csv (webdistill
+changed by one component at a time), timings.{csv,md} and scaling.png (seconds per stage against
 pool size), bench.json (all of it).
 """
 
@@ -51,17 +51,19 @@ class Method:
 
 
 # The comparison of issue 6. Methods without a filter override use the config's filter (the
-# FAISS distribution matching of the demo: BN-statistics gate, balanced quota, 30% budget).
+# FAISS distribution matching of the demo: BN-statistics gate, balanced quota, 30% budget); every
+# method names its loss preset, so the config's own preset changes none of them.
 METHODS: dict[str, Method] = {
     "upper_bound": Method("KD on the private train split: what a data-free method tries to reach",
                           {"data.source": "folder", "data.folder": "{private_images}", "filter.policy": "none",
-                           "filter.diagnostics_sources": None, **NO_GATE}),
+                           "distill.preset": "kd", "filter.diagnostics_sources": None, **NO_GATE}),
     "oracle_filter": Method("KD on the pool's in-distribution images only, known from the demo's true sources: a "
                             "perfect filter (a diagnostic, not a method)",
-                            {"data.url_list": "{oracle_urls}", "filter.policy": "none", **NO_GATE}),
-    "pool_kd": Method("KD on the whole crawled pool", {"filter.policy": "none", **NO_GATE}),
+                            {"data.url_list": "{oracle_urls}", "filter.policy": "none", "distill.preset": "kd",
+                             **NO_GATE}),
+    "pool_kd": Method("KD on the whole crawled pool", {"filter.policy": "none", "distill.preset": "kd", **NO_GATE}),
     "random_kd": Method("KD on a random subset of the pool, as large as the filter's kept set",
-                        {"filter.policy": "random", "filter.seed": "{seed}", **NO_GATE}),
+                        {"filter.policy": "random", "filter.seed": "{seed}", "distill.preset": "kd", **NO_GATE}),
     "dfnd": Method("DFND: the teacher's most confident images (same budget), noise adaptation, confident "
                    "half of each batch", {"filter.policy": "dfnd", "distill.preset": "dfnd", **NO_GATE}),
     "filter_kd": Method("FAISS filter only: KD on the kept set", {"distill.preset": "kd"}),
@@ -69,24 +71,36 @@ METHODS: dict[str, Method] = {
     "kd3": Method("KD³ on the kept set: dynamic selection, feature alignment, shared classifier, "
                   "MixDistribution contrast", {"distill.preset": "kd3"}),
     "iekd": Method("IE-KD on the kept set: inheritance and exploration", {"distill.preset": "iekd"}),
-    "webdistill": Method("the webdistill preset on the kept set", {"distill.preset": "webdistill"}),
+    "kd3_ipw": Method("KD³ + IPW weights on the kept set (webdistill's preset before this benchmark)",
+                      {"distill.preset": "kd3_ipw"}),
+    "webdistill": Method("the webdistill preset: Hinton KD on the kept set (the filter_kd recipe)",
+                         {"distill.preset": "webdistill"}),
 }
 
-# webdistill with one component removed (the preset's settings are in stages/distill/recipe.py).
-# Without its IPW weights webdistill is exactly the kd3 method: the ablation table reads kd3's runs.
+# kd3_ipw with one component removed (its settings are in stages/distill/recipe.py): why the
+# published add-ons do not help on the filtered set. Without its IPW weights it is kd3.
 ABLATIONS: dict[str, Method] = {
-    "webdistill-filter": Method("webdistill on the whole pool (no FAISS filter)",
-                                {"distill.preset": "webdistill", "filter.policy": "none", **NO_GATE}),
-    "webdistill-selection": Method("webdistill without KD³'s dynamic selection",
-                                   {"distill.preset": "webdistill", "distill.selection": "none"}),
-    "webdistill-memorisation": Method("webdistill without feature alignment and the shared classifier",
-                                      {"distill.preset": "webdistill", "distill.feature_weight": 0.0,
-                                       "distill.classifier": "own"}),
-    "webdistill-mixdistribution": Method("webdistill without the MixDistribution contrastive term",
-                                         {"distill.preset": "webdistill", "distill.contrastive_weight": 0.0,
-                                          "distill.perturbation": "none"}),
+    "kd3_ipw-selection": Method("kd3_ipw without KD³'s dynamic selection",
+                                {"distill.preset": "kd3_ipw", "distill.selection": "none"}),
+    "kd3_ipw-memorisation": Method("kd3_ipw without feature alignment and the shared classifier",
+                                   {"distill.preset": "kd3_ipw", "distill.feature_weight": 0.0,
+                                    "distill.classifier": "own"}),
+    "kd3_ipw-mixdistribution": Method("kd3_ipw without the MixDistribution contrastive term",
+                                      {"distill.preset": "kd3_ipw", "distill.contrastive_weight": 0.0,
+                                       "distill.perturbation": "none"}),
 }
-SAME_AS = {"webdistill-ipw": "kd3"}
+# The ablation table: webdistill changed by one component at a time, each the run of a method
+# (change, method); a method the bench did not run is left out.
+COMPONENTS: list[tuple[str, str]] = [
+    ("− the FAISS filter (whole pool)", "pool_kd"),
+    ("+ IPW weights", "filter_ipw"),
+    ("+ KD³", "kd3"),
+    ("+ IE-KD", "iekd"),
+    ("+ KD³ + IPW weights", "kd3_ipw"),
+    ("+ KD³ + IPW − dynamic selection", "kd3_ipw-selection"),
+    ("+ KD³ + IPW − feature alignment, shared classifier", "kd3_ipw-memorisation"),
+    ("+ KD³ + IPW − MixDistribution term", "kd3_ipw-mixdistribution"),
+]
 
 
 # ---------------------------------------------------------------- stage sharing
@@ -282,17 +296,15 @@ def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
     if "webdistill" not in rows.index:
         return pd.DataFrame()
     full = rows.loc["webdistill"]
-    variants = {"webdistill": "webdistill", **{n: n for n in ABLATIONS if n in rows.index},
-                **{n: same for n, same in SAME_AS.items() if same in rows.index}}
-    names = list(variants.values())
+    changes = [("(nothing)", "webdistill"), *((c, m) for c, m in COMPONENTS if m in rows.index)]
     return pd.DataFrame({
-        "variant": [f"{v} (= {n})" if v != n else v for v, n in variants.items()],
-        "removed": ["(nothing)", *(v.split("-", 1)[1] for v in list(variants)[1:])],
-        "top1_mean": [rows.loc[n, "top1_mean"] for n in names],
-        "top1_std": [rows.loc[n, "top1_std"] for n in names],
-        "delta_vs_full": [rows.loc[n, "top1_mean"] - full["top1_mean"] for n in names],
-        "delta_in_pooled_std": [(rows.loc[n, "top1_mean"] - full["top1_mean"]) / max(pooled_std(full, rows.loc[n]),
-                                                                                     1e-9) for n in names],
+        "change": [c for c, _ in changes],
+        "method": [m for _, m in changes],
+        "top1_mean": [rows.loc[m, "top1_mean"] for _, m in changes],
+        "top1_std": [rows.loc[m, "top1_std"] for _, m in changes],
+        "delta_vs_webdistill": [rows.loc[m, "top1_mean"] - full["top1_mean"] for _, m in changes],
+        "delta_in_pooled_std": [(rows.loc[m, "top1_mean"] - full["top1_mean"]) / max(pooled_std(full, rows.loc[m]),
+                                                                                     1e-9) for _, m in changes],
     })
 
 
@@ -461,11 +473,12 @@ def write_results(folder: Path, cfg: Config, runs: pd.DataFrame, timings: pd.Dat
     lines = ["# webdistill benchmark: student top-1 on the private test split", "", header, "",
              markdown_table(main, about), "", *goal, ""]
     if not ablation.empty:
-        lines += ["## Ablation: webdistill minus one component", "",
-                  pd.DataFrame({"variant": ablation["variant"], "removed": ablation["removed"],
+        lines += ["## Ablation: webdistill changed by one component (each row a method's runs)", "",
+                  pd.DataFrame({"change": ablation["change"], "method": ablation["method"],
                                 "top-1 % (mean ± std)": [_pm(m, s) for m, s in zip(ablation["top1_mean"],
                                                                                       ablation["top1_std"])],
-                                "Δ vs full (points)": (100 * ablation["delta_vs_full"]).map("{:+.2f}".format),
+                                "Δ vs webdistill (points)": (100 * ablation["delta_vs_webdistill"]).map(
+                                    "{:+.2f}".format),
                                 "Δ / pooled std": ablation["delta_in_pooled_std"].map("{:+.1f}".format)}
                                ).to_markdown(index=False), ""]
     if not timings.empty:

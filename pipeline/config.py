@@ -199,8 +199,10 @@ class DistillConfig:
     preset: str = opt("kd", "loss recipe: kd (Hinton), dfnd (noise adaptation + per-batch confident half), ipwd "
                       "(KD weighted by the filter's inverse propensities), kd3 (dynamic selection, feature "
                       "alignment, shared classifier, InfoNCE with MixDistribution), iekd (inheritance and "
-                      "exploration), kddm (sampling distribution favouring what the teacher knows), webdistill",
-                      choices=("kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "webdistill"))
+                      "exploration), kddm (sampling distribution favouring what the teacher knows), kd3_ipw (kd3 "
+                      "with ipwd's weights), webdistill (the recipe the benchmark chose for the filtered set: "
+                      "Hinton KD, as kd)",
+                      choices=("kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"))
     epochs: int = opt(20, "passes over the selected images")
     batch_size: int = opt(128, "images per step and per torchrun rank")
     optimizer: str = opt("sgd", "sgd (Nesterov momentum) or adamw", choices=("sgd", "adamw"))
@@ -301,9 +303,10 @@ class BenchConfig:
     """`webdistill bench`: a student per method and seed on this config's web pool, scored on evaluate.test_set."""
 
     methods: list = opt(["upper_bound", "oracle_filter", "pool_kd", "random_kd", "dfnd", "filter_kd", "filter_ipw",
-                         "kd3", "iekd", "webdistill"], "methods compared (pipeline/bench.py METHODS: name, what it trains on, its "
+                         "kd3", "iekd", "kd3_ipw", "webdistill"], "methods compared (pipeline/bench.py METHODS: name, what it trains on, its "
                         "config overrides; `webdistill bench --list`)")
-    ablations: bool = opt(True, "also train webdistill with one component removed at a time")
+    ablations: bool = opt(True, "also train kd3_ipw with one component removed at a time (pipeline/bench.py "
+                          "ABLATIONS); the ablation table adds the methods that differ from webdistill by one part")
     seeds: list = opt([0, 1, 2], "seeds of every method (distill.seed; the random subset's filter.seed)")
     train_images: int = opt(60000, "training images every student sees: epochs = train_images / its transfer set "
                             "(rounded, at least 1), so every method gets the same compute")
@@ -439,16 +442,19 @@ def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def fingerprint(cfg: Config, sections: typing.Iterable[str], files: typing.Iterable[str | None] = ()) -> str:
-    """Hash of the named config sections and of the size and modification time of ``files``:
-    a stage is stale when the config it reads or one of its input files changes."""
+def fingerprint(cfg: Config, sections: typing.Iterable[str], files: typing.Iterable[str | None] = (),
+                derived: dict | None = None) -> str:
+    """Hash of the named config sections, of the size and modification time of ``files`` and of
+    ``derived`` settings: a stage is stale when the config it reads, what the code makes of it,
+    or one of its input files changes."""
     d = to_dict(cfg)
     stamps = {}
     for f in files:
         if f and Path(f).is_file():
             st = Path(f).stat()
             stamps[str(f)] = [st.st_size, st.st_mtime_ns]
-    blob = json.dumps({**{s: d[s] for s in sections}, "_files": stamps}, sort_keys=True, default=str)
+    blob = json.dumps({**{s: d[s] for s in sections}, "_files": stamps, **({"_derived": derived} if derived else {})},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

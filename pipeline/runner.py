@@ -44,9 +44,13 @@ class StageSpec:
     # files outside the run directory the stage reads (a URL list, a checkpoint): a new
     # version of one (size or modification time) makes the stage stale, like a config change
     input_files: Callable[[Config], list[str | None]] | None = None
+    # settings the code derives from the config (distill: the loss recipe a preset name stands
+    # for): a new meaning of the same name makes the stage stale too
+    derived: Callable[[Config], dict] | None = None
 
     def fingerprint(self, cfg: Config) -> str:
-        return fingerprint(cfg, self.reads_config, self.input_files(cfg) if self.input_files else ())
+        return fingerprint(cfg, self.reads_config, self.input_files(cfg) if self.input_files else (),
+                           self.derived(cfg) if self.derived else None)
 
     def function(self):
         module, _, name = self.module.partition(":")

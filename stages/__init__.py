@@ -7,8 +7,11 @@ runs on every torchrun rank and splits its work by ``pipeline.devices.rank()``; 
 on rank 0 alone.
 """
 
+import dataclasses
+
 from manifests import expand_shards
 from pipeline.runner import StageSpec
+from stages.distill.recipe import resolve
 
 STAGES = [
     StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest",
@@ -24,7 +27,8 @@ STAGES = [
     StageSpec("perturb", "MixDistribution images of the selected samples",
               reads_config=("perturb",), upstream=("filter",), module="stages.perturb"),
     StageSpec("distill", "student training on the selected images", reads_config=("distill",),
-              upstream=("filter", "perturb"), module="stages.distill", distributed=True),
+              upstream=("filter", "perturb"), module="stages.distill", distributed=True,
+              derived=lambda cfg: dataclasses.asdict(resolve(cfg.distill))),
     StageSpec("evaluate", "student and teacher on the labelled test set",
               reads_config=("evaluate",), upstream=("distill",), module="stages.evaluate",
               input_files=lambda cfg: expand_shards(cfg.evaluate.test_set, "evaluate.test_set", must_exist=False)),

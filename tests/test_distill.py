@@ -230,7 +230,7 @@ def test_decoded_cache_gives_the_same_batches_and_resumes_mid_run(upstream, mnis
 
 # ---------------------------------------------------------------- distill
 
-@pytest.mark.parametrize("preset", ["kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "webdistill"])
+@pytest.mark.parametrize("preset", ["kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"])
 def test_every_preset_trains_and_logs_its_terms(preset, upstream, small_web, mnist_teacher, private, tmp_path):
     run_dir = fresh(upstream, tmp_path / "run")
     extra = {"iekd": ["distill.ae_epochs=2"], "kd3": ["distill.selection_tau=0.3"]}.get(preset, [])
@@ -239,7 +239,8 @@ def test_every_preset_trains_and_logs_its_terms(preset, upstream, small_web, mni
     history = pd.read_csv(run_dir / "distill" / "history.csv")
     expected = {"kd": {"kd", "ce"}, "dfnd": {"kd", "noise"}, "ipwd": {"kd", "ce"},
                 "kd3": {"kd", "ce", "feature", "contrastive", "selected"}, "iekd": {"kd", "inherit", "explore"},
-                "kddm": {"kd", "ce"}, "webdistill": {"kd", "contrastive", "selected"}}[preset]
+                "kddm": {"kd", "ce"}, "kd3_ipw": {"kd", "contrastive", "selected"},
+                "webdistill": {"kd", "ce"}}[preset]
     assert expected <= set(history.columns)
     assert np.isfinite(history[sorted(expected)].to_numpy()).all()
     student, meta = load_student(run_dir / "distill" / "student.pt")
@@ -477,3 +478,20 @@ def test_bench_compares_methods_over_seeds_and_a_second_bench_reruns_nothing(ups
     second = run_bench(str(tmp_path / "bench.yaml"))
     assert run_ids() == before
     pd.testing.assert_frame_equal(pd.DataFrame(second["summary"]), pd.DataFrame(first["summary"]))
+
+
+def test_ablation_table_reads_each_change_from_its_method_and_skips_what_did_not_run():
+    from pipeline.bench import ablation_table, summarize
+
+    top1 = {"webdistill": [0.90, 0.92], "pool_kd": [0.50, 0.56], "kd3_ipw": [0.88, 0.88], "random_kd": [0.3, 0.3]}
+    runs = pd.DataFrame([{"method": m, "seed": s, "student_top1": v, "student_macro_recall": v, "student_ece": 0.0,
+                          "transfer_set": 10, "epochs": 1, "kept_precision": None, "distill_s": 1.0}
+                         for m, values in top1.items() for s, v in enumerate(values)])
+    table = ablation_table(summarize(runs)).set_index("method")
+    assert list(table.index) == ["webdistill", "pool_kd", "kd3_ipw"]  # in COMPONENTS order; random_kd is no change
+    assert table.loc["pool_kd", "change"].startswith("− the FAISS filter")
+    assert table.loc["pool_kd", "delta_vs_webdistill"] == pytest.approx(0.53 - 0.91)
+    pooled = np.sqrt((np.std([0.90, 0.92], ddof=1) ** 2 + np.std([0.50, 0.56], ddof=1) ** 2) / 2)
+    assert table.loc["pool_kd", "delta_in_pooled_std"] == pytest.approx((0.53 - 0.91) / pooled)
+    assert table.loc["webdistill", "delta_vs_webdistill"] == 0
+    assert ablation_table(summarize(runs[runs["method"] != "webdistill"])).empty

@@ -115,3 +115,15 @@ def test_status_output(tmp_path):
     assert lines[1].split()[:4] == ["first", "done", "items", "3"]
     assert lines[2].startswith("  second    stale      upstream first was re-run; last run: items 3")
     assert lines[3].split()[:3] == ["third", "not", "built"]
+
+
+def test_a_new_meaning_of_a_preset_name_makes_distill_stale(monkeypatch):
+    from stages import STAGES
+    from stages.distill import recipe
+
+    distill = next(s for s in STAGES if s.name == "distill")
+    cfg = load_config(None, ["distill.preset=webdistill"])
+    before = distill.fingerprint(cfg)
+    assert distill.fingerprint(load_config(None, ["distill.preset=webdistill"])) == before
+    monkeypatch.setitem(recipe.PRESETS, "webdistill", {"temperature": 2.0})  # same config, new recipe
+    assert distill.fingerprint(cfg) != before
