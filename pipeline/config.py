@@ -303,8 +303,9 @@ class BenchConfig:
     """`webdistill bench`: a student per method and seed on this config's web pool, scored on evaluate.test_set."""
 
     methods: list = opt(["upper_bound", "oracle_filter", "pool_kd", "random_kd", "dfnd", "filter_kd", "filter_ipw",
-                         "kd3", "iekd", "kd3_ipw", "webdistill"], "methods compared (pipeline/bench.py METHODS: name, what it trains on, its "
-                        "config overrides; `webdistill bench --list`)")
+                         "kd3", "iekd", "kd3_ipw", "webdistill"],
+                        "methods compared (pipeline/bench.py METHODS: name, what it trains on, its config overrides; "
+                        "`webdistill bench --list`)")
     ablations: bool = opt(True, "also train kd3_ipw with one component removed at a time (pipeline/bench.py "
                           "ABLATIONS); the ablation table adds the methods that differ from webdistill by one part")
     seeds: list = opt([0, 1, 2], "seeds of every method (distill.seed; the random subset's filter.seed)")
