@@ -1,5 +1,6 @@
 """Every distillation loss against a value computed by hand on a tiny tensor (numbers in comments)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -149,7 +150,13 @@ def test_presets_fill_nulls_and_explicit_keys_win():
     mixed = resolve(load_config(None, ["distill.preset=kd3", "distill.classifier=own", "distill.temperature=2"]).distill)
     assert mixed.classifier == "own" and mixed.temperature == 2.0 and mixed.selection == "threshold"
     assert resolve(load_config(None, ["distill.preset=ipwd"]).distill).sample_weights == "filter"
-    assert set(PRESETS) == {"kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "webdistill"}
+    assert set(PRESETS) == {"kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"}
+    # the bench's choice: webdistill is Hinton KD; the KD³ + IPW recipe it replaced lives on as kd3_ipw
+    def recipe(preset):
+        return resolve(load_config(None, [f"distill.preset={preset}"]).distill)
+
+    assert recipe("webdistill") == recipe("kd")
+    assert recipe("kd3_ipw") == dataclasses.replace(kd3, sample_weights="filter")
     with pytest.raises(UserError, match="perturbed view"):
         resolve(load_config(None, ["distill.contrastive_weight=0.5"]).distill)
     with pytest.raises(UserError, match="did you mean 'temperature'"):
