@@ -64,7 +64,7 @@ bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, 
 	$(PY) bench/bench_filter.py --config $(CONFIG) --sizes $(FILTER_SIZES)
 	$(PY) bench/bench_distill.py --config $(CONFIG)
 
-bench-variants: teacher  ## settings of filter + KD (budget, T, IPW, augmentation) × 2 seeds, judged on the private train split (~20 min)
+bench-variants: teacher  ## settings of filter + KD (budget, T, IPW, augmentation) × 2 seeds, judged on the private train split (~16 min)
 	$(PY) bench/bench_variants.py --config $(CONFIG)
 
 clean:  ## remove run outputs and demo data (keeps .venv)
