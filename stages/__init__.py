@@ -11,7 +11,15 @@ import dataclasses
 
 from manifests import expand_shards
 from pipeline.runner import StageSpec
-from stages.distill.recipe import resolve
+
+
+def distill_recipe(cfg) -> dict:
+    """The loss recipe distill's preset resolves to (imported here, not at start-up: the distill
+    package loads torch)."""
+    from stages.distill.recipe import resolve
+
+    return dataclasses.asdict(resolve(cfg.distill))
+
 
 STAGES = [
     StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest",
@@ -28,7 +36,7 @@ STAGES = [
               reads_config=("perturb",), upstream=("filter",), module="stages.perturb"),
     StageSpec("distill", "student training on the selected images", reads_config=("distill",),
               upstream=("filter", "perturb"), module="stages.distill", distributed=True,
-              derived=lambda cfg: dataclasses.asdict(resolve(cfg.distill))),
+              derived=distill_recipe),
     StageSpec("evaluate", "student and teacher on the labelled test set",
               reads_config=("evaluate",), upstream=("distill",), module="stages.evaluate",
               input_files=lambda cfg: expand_shards(cfg.evaluate.test_set, "evaluate.test_set", must_exist=False)),
