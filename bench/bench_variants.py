@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd  # noqa: E402
 
-from pipeline.bench import Bench, Method, result_row  # noqa: E402
+from pipeline.bench import Bench, Method, result_row, summarize  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
@@ -62,18 +62,17 @@ def main() -> None:
             run_dir = bench.work / "variants" / name / f"seed{seed}"
             rows.append(result_row(name, seed, bench.run(name, VARIANTS[name], seed, run_dir, (validation,))))
     runs = pd.DataFrame(rows)
-    table = runs.groupby("method", sort=False).agg(
-        transfer_set=("transfer_set", "first"), epochs=("epochs", "first"),
-        mean=("student_top1", "mean"), std=("student_top1", "std"), seeds=("seed", "count"))
-    table["validation top-1 %"] = [f"{100 * m:.2f}" + ("" if pd.isna(s) else f" ± {100 * s:.2f}")
-                                   for m, s in zip(table["mean"], table["std"])]
-    table.insert(0, "what", [VARIANTS[n].about for n in table.index])
+    summary = summarize(runs, reference=None)
+    shown = pd.DataFrame({
+        "method": summary["method"], "what": [VARIANTS[n].about for n in summary["method"]],
+        "transfer_set": summary["transfer_set"], "epochs": summary["epochs"], "seeds": summary["seeds"],
+        "validation top-1 %": [f"{100 * m:.2f}" + ("" if pd.isna(s) else f" ± {100 * s:.2f}")
+                               for m, s in zip(summary["top1_mean"], summary["top1_std"])]})
     results = Path(cfg.bench.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     runs.to_csv(results / "variants.csv", index=False)
-    shown = table.drop(columns=["mean", "std"])
-    (results / "variants.md").write_text(shown.to_markdown() + "\n")
-    print(shown.to_markdown())
+    (results / "variants.md").write_text(shown.to_markdown(index=False) + "\n")
+    print(shown.to_markdown(index=False))
 
 
 if __name__ == "__main__":

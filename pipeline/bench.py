@@ -156,10 +156,13 @@ class Bench:
         return load_config(self.config, [*self.overrides, *sets, f"run_dir={run_dir}", f"distill.seed={seed}",
                                          *extra])
 
+    def run_dir(self, name: str, seed: int) -> Path:
+        return self.work / "runs" / name / f"seed{seed}"
+
     def run(self, name: str, method: Method, seed: int, run_dir: Path | None = None, extra=()) -> RunDir:
         """Upstream stages (linked from a donor when one has them), then distill and evaluate with
         epochs set so that the student sees ``bench.train_images`` images."""
-        run_dir = run_dir or self.work / "runs" / name / f"seed{seed}"
+        run_dir = run_dir or self.run_dir(name, seed)
         cfg = self.load(run_dir, method, seed, extra)
         run = RunDir(run_dir)
         linked = link_done_stages(cfg, run, self.donors)
@@ -297,24 +300,30 @@ def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     full = rows.loc["webdistill"]
     changes = [("(nothing)", "webdistill"), *((c, m) for c, m in COMPONENTS if m in rows.index)]
+    methods = [m for _, m in changes]
+    delta = rows.loc[methods, "top1_mean"].to_numpy() - full["top1_mean"]
     return pd.DataFrame({
         "change": [c for c, _ in changes],
-        "method": [m for _, m in changes],
-        "top1_mean": [rows.loc[m, "top1_mean"] for _, m in changes],
-        "top1_std": [rows.loc[m, "top1_std"] for _, m in changes],
-        "delta_vs_webdistill": [rows.loc[m, "top1_mean"] - full["top1_mean"] for _, m in changes],
-        "delta_in_pooled_std": [(rows.loc[m, "top1_mean"] - full["top1_mean"]) / max(pooled_std(full, rows.loc[m]),
-                                                                                     1e-9) for _, m in changes],
+        "method": methods,
+        "top1_mean": rows.loc[methods, "top1_mean"].to_numpy(),
+        "top1_std": rows.loc[methods, "top1_std"].to_numpy(),
+        "delta_vs_webdistill": delta,
+        "delta_in_pooled_std": delta / np.maximum([pooled_std(full, rows.loc[m]) for m in methods], 1e-9),
     })
 
 
-def plot_methods(summary: pd.DataFrame, teacher_top1: float) -> bytes:
+def _figure(figsize: tuple):
+    """A figure and its axes on the non-interactive backend (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(summary) + 1.2))
+    return plt.subplots(figsize=figsize)
+
+
+def plot_methods(summary: pd.DataFrame, teacher_top1: float) -> bytes:
+    fig, ax = _figure((7, 0.45 * len(summary) + 1.2))
     y = np.arange(len(summary))[::-1]
     ax.barh(y, 100 * summary["top1_mean"], xerr=100 * summary["top1_std"].fillna(0), color="#4c78a8", capsize=3)
     ax.axvline(100 * teacher_top1, color="#e45756", ls="--", label=f"teacher {100 * teacher_top1:.1f}%")
@@ -326,12 +335,7 @@ def plot_methods(summary: pd.DataFrame, teacher_top1: float) -> bytes:
 
 
 def plot_scaling(timings: pd.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     for stage in (s for s in STAGES_TIMED if s in timings):
         ax.plot(timings["pool"], timings[stage], marker="o", label=stage)
     ax.set_xlabel("images in the web pool")
@@ -427,7 +431,7 @@ def scaling(bench: Bench, method: Method | None, sizes: list[int]) -> pd.DataFra
     if method is None:
         return pd.DataFrame()
     seed = bench.cfg.bench.seeds[0]
-    full = RunDir(bench.work / "runs" / "webdistill" / f"seed{seed}")
+    full = RunDir(bench.run_dir("webdistill", seed))
     rows = [stage_timings(full)]
     epochs = full.record("distill")["counts"]["epochs"]
     for size in sorted(sizes):
