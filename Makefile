@@ -21,7 +21,7 @@ STAGES := crawl score filter perturb distill evaluate report
 .PHONY: help setup demo-data teacher all test bench bench-stages bench-variants status clean $(STAGES)
 
 help:  ## list the targets
-	@grep -hE '^[a-zA-Z_-]+( [a-zA-Z_ -]+)?:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
+	@grep -hE '^([a-zA-Z_-]+|\$$\(STAGES\)):.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/; s/^\$$\(STAGES\)/$(STAGES)/' | \
 	  awk -F'\t' '{printf "  %-24s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv and install webdistill (idempotent: a stamp file skips it next time)
@@ -45,7 +45,7 @@ teacher: demo-data  ## train the demo teacher on the private train split (skippe
 all: teacher  ## set up, build the demo and its teacher, run every stage of the pipeline, print the status
 	$(WD) run $(CONFIG)
 
-crawl score filter perturb distill evaluate report: setup  ## re-run one stage (add FORCE=1 to re-run a done one)
+$(STAGES): setup  ## re-run one stage (add FORCE=1 to re-run a done one)
 	$(WD) $@ $(if $(wildcard $(RUN_DIR)/config.yaml),$(RUN_DIR),$(CONFIG)) $(if $(FORCE),--force)
 
 status: setup  ## show which stages of runs/demo are done, stale or missing

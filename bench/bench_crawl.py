@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 from img2dataset import download  # noqa: E402
 
+from demo.world import build_demo  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.demo import build_demo  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
-from pipeline.webserver import serve_folder  # noqa: E402
 from stages import STAGES  # noqa: E402
+from stages.crawl.webserver import serve_folder  # noqa: E402
 
 WORK = Path("bench/work/crawl")
 RESULTS = Path("bench/results")

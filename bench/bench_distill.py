@@ -4,7 +4,7 @@ The same student, teacher, recipe and training step (``Trainer.epoch``), fed (a)
 WebDataset loader streaming perturb's shards (decoding in DataLoader workers), and (b) by
 batches sliced from tensors decoded into memory beforehand. Both run ``--epochs`` epochs in
 alternation; the ratio of their median images/s says whether the data path is the bottleneck
-(goal ≥ 0.8). Student accuracy per method is ``webdistill bench`` (pipeline/bench.py).
+(goal ≥ 0.8). Student accuracy per method is ``webdistill bench`` (bench/methods.py).
 
     python bench/bench_distill.py [--config configs/demo.yaml] [--throughput-epochs 4]
 """
@@ -20,17 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from manifests import read_array  # noqa: E402
+from bench.methods import machine  # noqa: E402
+from manifests.artifacts import LOGITS  # noqa: E402
 from pipeline import devices  # noqa: E402
-from pipeline.bench import machine  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
-from pipeline.teacher import load_teacher  # noqa: E402
 from stages import STAGES  # noqa: E402
-from stages.distill import Trainer, build_model, lr_factor, sample_weights, transfer_set  # noqa: E402
+from stages.common.teacher import load_teacher  # noqa: E402
 from stages.distill.data import decode  # noqa: E402
-from stages.distill.recipe import resolve  # noqa: E402
+from stages.distill.methods import resolve  # noqa: E402
+from stages.distill.stage import Trainer, build_model, lr_factor, sample_weights, transfer_set  # noqa: E402
 
 WORK = Path("bench/work/distill")
 RESULTS = Path("bench/results")
@@ -59,10 +59,10 @@ def throughput(cfg, run: RunDir, epochs: int) -> dict:
     settings, recipe = cfg.distill, resolve(cfg.distill)
     device = devices.pick_device(settings.device)
     teacher = load_teacher(cfg.teacher, device)
-    data, selection = transfer_set(run)
-    logits = read_array(run.stage_dir("score") / "logits.npy", len(selection), "score logits")
+    data, kept = transfer_set(run)
+    logits = run.rows(LOGITS, kept["uid"])
     model, _, _ = build_model(settings, recipe, teacher, None)
-    trainer = Trainer(settings, recipe, teacher, model.to(device), sample_weights(recipe, selection, logits), logits,
+    trainer = Trainer(settings, recipe, teacher, model.to(device), sample_weights(recipe, kept, logits), logits,
                       None, None, device)
     with_mix = recipe.perturbation == "offline"
     tensors = in_memory(data, teacher.transform, with_mix)

@@ -29,12 +29,14 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from manifests import SCORE, read_manifest, write_manifest  # noqa: E402
+from manifests import artifacts  # noqa: E402
+from manifests.artifacts import FEATURES, SCORE_MANIFEST, SELECTION_MANIFEST, TEACHER_INFO  # noqa: E402
+from manifests.artifacts import REFERENCE as REFERENCE_SET  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
 from stages import STAGES  # noqa: E402
-from stages import filter as filter_stage  # noqa: E402
+from stages.filter import stage as filter_stage  # noqa: E402
 
 WORK = ROOT / "bench" / "work" / "filter"
 RESULTS = ROOT / "bench" / "results"
@@ -47,13 +49,13 @@ BRUTE_QUERIES = 20000
 # ---------------------------------------------------------------- synthetic pool
 
 def synthetic_pool(n: int) -> Path:
-    """A score folder of ``n`` unit-norm 512-d embeddings: 40% in ten class clusters, 60% spread
-    out, plus a 1,000-image reference set drawn from the clusters. Built once per size."""
+    """The score stage's declared outputs (manifests.artifacts) for ``n`` unit-norm 512-d features:
+    40% in ten class clusters, 60% spread out, plus a 1,000-image reference set drawn from the
+    clusters. Built once per size."""
     run = WORK / f"pool-{n}"
-    score = run / "score"
-    if (score / "manifest.parquet").is_file():
+    if SCORE_MANIFEST.location(run).is_file():
         return run
-    score.mkdir(parents=True, exist_ok=True)
+    FEATURES.location(run).parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (CLASSES, DIM)).astype(np.float32)
 
@@ -65,7 +67,7 @@ def synthetic_pool(n: int) -> Path:
         return unit(centres[labels] + rng.normal(0, 0.9, (m, DIM)).astype(np.float32)), labels
 
     n_in = int(0.4 * n)
-    features = np.lib.format.open_memmap(score / "features.npy", mode="w+", dtype=np.float16, shape=(n, DIM))
+    features = np.lib.format.open_memmap(FEATURES.location(run), mode="w+", dtype=np.float16, shape=(n, DIM))
     labels = np.empty(n, np.int32)
     for start in range(0, n, 100000):
         stop = min(n, start + 100000)
@@ -79,14 +81,14 @@ def synthetic_pool(n: int) -> Path:
     del features
     confidence = rng.uniform(0.3, 1.0, n).astype(np.float32)
     names = [f"class{c}" for c in range(CLASSES)]
-    write_manifest(pd.DataFrame({
+    artifacts.write(run, SCORE_MANIFEST, pd.DataFrame({
         "uid": [f"u{i:08d}" for i in range(n)], "shard": "shards/00000.tar", "key": [f"{i:09d}" for i in range(n)],
         "pseudo_label": labels, "pseudo_class": np.asarray(names, dtype=object)[labels], "confidence": confidence,
         "entropy": np.float32(1.0), "margin": np.float32(0.1), "topk_labels": list(labels[:, None]),
-        "topk_probs": list(confidence[:, None])}), score / "manifest.parquet", SCORE)
-    (score / "teacher.json").write_text(json.dumps({"class_names": names}))
+        "topk_probs": list(confidence[:, None])}))
+    artifacts.write(run, TEACHER_INFO, {"class_names": names, "num_classes": CLASSES, "feature_dim": DIM})
     reference, ref_labels = clustered(REFERENCE)
-    np.savez(score / "reference.npz", features=reference, labels=ref_labels, logits=np.eye(CLASSES)[ref_labels])
+    np.savez(REFERENCE_SET.location(run), features=reference, labels=ref_labels, logits=np.eye(CLASSES)[ref_labels])
     return run
 
 
@@ -108,13 +110,13 @@ def worker_brute(run: Path) -> dict:
     reference set, every kept vector against (up to density_max_points of) the kept ones."""
     from sklearn.neighbors import NearestNeighbors
 
-    from pipeline import knn
+    from stages.filter import knn
 
     settings = load_config(None, [f"run_dir={run}", *SCALE_SETTINGS]).filter
-    vectors = knn.as_float32(np.load(run / "score" / "features.npy", mmap_mode="r"))
-    with np.load(run / "score" / "reference.npz") as z:
+    vectors = knn.as_float32(artifacts.read(run, FEATURES))
+    with np.load(REFERENCE_SET.location(run)) as z:
         reference = z["features"]
-    keep = pd.read_parquet(run / "filter" / "selection.parquet", columns=["keep"])["keep"].to_numpy()
+    keep = artifacts.read(run, SELECTION_MANIFEST, columns=["keep"])["keep"].to_numpy()
     kept = vectors[keep]
     rng = np.random.default_rng(settings.seed)
     database = kept if len(kept) <= settings.density_max_points else kept[
@@ -156,16 +158,16 @@ DEMO_ROWS = [
 def demo_precision(config: str) -> list[dict]:
     demo = load_config(config)
     run_stages(demo, STAGES, only=["crawl", "score"])  # skipped when done
-    score = Path(demo.run_dir) / "score"
-    manifest = read_manifest(score / "manifest.parquet", SCORE)
-    names = json.loads((score / "teacher.json").read_text())["class_names"]
+    run = RunDir(demo.run_dir)
+    manifest = run.read(SCORE_MANIFEST)
+    names = run.read(TEACHER_INFO)["class_names"]
     rows = []
     for label, overrides in DEMO_ROWS:
         settings = load_config(config, overrides).filter
         t0 = time.time()
-        vectors = filter_stage.load_vectors(score, settings.vectors, len(manifest))
+        vectors = filter_stage.load_vectors(run, settings.vectors)
         selection, _ = filter_stage.filter_pool(settings, manifest, vectors, len(names),
-                                                filter_stage.References(score, settings.vectors))
+                                                filter_stage.References(run, settings.vectors))
         seconds = time.time() - t0
         truth = filter_stage.against_sources(selection, settings.diagnostics_sources, names)
         coverage = truth["class_coverage"]

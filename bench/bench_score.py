@@ -30,10 +30,10 @@ from manifests import CRAWL, read_manifest  # noqa: E402
 from pipeline import devices  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
-from pipeline.teacher import load_embedder, load_teacher  # noqa: E402
 from stages import STAGES  # noqa: E402
-from stages import score as score_stage  # noqa: E402
-from tests.test_score import read_shard_images  # noqa: E402
+from stages.common.images import read_shard_images  # noqa: E402
+from stages.common.teacher import load_embedder, load_teacher  # noqa: E402
+from stages.score import stage as score_stage  # noqa: E402
 
 WORK = Path("bench/work/score")
 RESULTS = Path("bench/results")

@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.errors import UserError
 from manifests.schemas import ManifestSchema
-from pipeline.errors import UserError
 
 _META_KEY = b"webdistill.manifest"
 

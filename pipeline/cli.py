@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import Config, commented_defaults, load_config
+from pipeline.app import STAGES
+from pipeline.config import commented_defaults, load_config
 from pipeline.errors import UserError
-from stages import STAGES
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -16,7 +16,7 @@ _SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                     help="Override a config value, e.g. --set crawl.processes_count=4 (repeatable).")
 
 
-def _load(target: str | None, overrides) -> Config:
+def _load(target: str | None, overrides):
     """A config from a YAML file, or the resolved config of a run directory."""
     path = Path(target or DEFAULT_CONFIG)
     if path.is_dir():
@@ -74,13 +74,13 @@ def run_cmd(target, only, force, overrides):
 
 
 def _echo_report(run) -> None:
-    """The report's path and headline numbers, once the report stage has run."""
+    """The report's path and headline, once the report stage has run."""
+    from manifests.artifacts import HEADLINE, REPORT_HTML, REPORT_MD
     from pipeline import devices
-    from stages.report import headline, headline_text
 
-    report = run.stage_dir("report") / "report.html"
-    if devices.is_main() and run.record("report") and (h := headline(run)):
-        click.echo(f"\nreport: {report} (markdown: {report.with_suffix('.md')})\n{headline_text(h)}")
+    if devices.is_main() and run.record("report") and run.valid(HEADLINE):
+        click.echo(f"\nreport: {run.path(REPORT_HTML)} (markdown: {run.path(REPORT_MD)})\n"
+                   f"{run.read(HEADLINE)['text']}")
 
 
 def _stage_command(spec):
@@ -120,7 +120,7 @@ def status(target, overrides):
 @_SET
 def demo_data(target, force, overrides):
     """Build the embedded demo: private MNIST split, web pool, URL list."""
-    from pipeline.demo import build_demo
+    from demo.world import build_demo
 
     build_demo(_load(target, overrides), force=force)
 
@@ -131,7 +131,7 @@ def demo_data(target, force, overrides):
 @_SET
 def demo_teacher(target, force, overrides):
     """Train the demo's teacher on the private train split; write it with its spec."""
-    from pipeline.demo_teacher import build_demo_teacher
+    from demo.teacher import build_demo_teacher
 
     build_demo_teacher(_load(target, overrides), force=force)
 
@@ -148,7 +148,7 @@ def bench(target, only, list_methods, overrides):
     has already done with the same settings are linked, not recomputed, so a second bench only
     rebuilds the tables. The student's top-1 is measured on evaluate.test_set.
     """
-    from pipeline.bench import ABLATIONS, METHODS, run_bench
+    from bench.methods import ABLATIONS, METHODS, run_bench
 
     if list_methods:
         for name, method in {**METHODS, **ABLATIONS}.items():

@@ -1,5 +1,5 @@
 """Errors caused by the user's input: the CLI prints them as one clear message, no traceback."""
 
+from manifests.errors import UserError
 
-class UserError(Exception):
-    """Bad input (config, file, URL list, checkpoint...): the message says what and where."""
+__all__ = ["UserError"]

@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from manifests import atomic_write_json
+from manifests import artifacts, atomic_write_json
 
 RECORD = "_SUCCESS.json"
 STARTED = "_STARTED.json"
@@ -21,7 +21,29 @@ class RunDir:
         self.root = Path(root)
 
     def stage_dir(self, name: str) -> Path:
+        """A stage's own folder. Other stages' files are reached through their declared artifacts
+        (``path``, ``read``, ``rows``), never through this."""
         return self.root / name
+
+    # the contracts of manifests.artifacts, on this run directory
+    def path(self, artifact: artifacts.Artifact) -> Path:
+        return artifact.location(self.root)
+
+    def read(self, artifact: artifacts.Artifact, columns: list[str] | None = None):
+        return artifacts.read(self.root, artifact, columns)
+
+    def write(self, artifact: artifacts.Artifact, data) -> Path:
+        return artifacts.write(self.root, artifact, data)
+
+    def rows(self, artifact: artifacts.Artifact, uids):
+        return artifacts.rows(self.root, artifact, uids)
+
+    def valid(self, artifact: artifacts.Artifact) -> bool:
+        return artifacts.check(self.root, artifact) is None
+
+    def output_problems(self, name: str) -> list[str]:
+        """What is wrong with the declared outputs of stage ``name`` (empty: all there and valid)."""
+        return [p for a in artifacts.outputs(name) if (p := artifacts.check(self.root, a))]
 
     def _read(self, name: str, file: str) -> dict | None:
         path = self.stage_dir(name) / file

@@ -11,13 +11,13 @@ import platform
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
 from manifests import atomic_write_bytes
 from pipeline import __version__, devices
-from pipeline.config import Config, dump_yaml, fingerprint
+from pipeline.config import dump_yaml, fingerprint
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 
@@ -33,8 +33,12 @@ class StageSpec:
 
     name: str
     summary: str
-    reads_config: tuple[str, ...]  # config sections whose change makes the stage stale
     upstream: tuple[str, ...]  # stages whose outputs it reads
+    # the config sections the stage owns (name → dataclass, declared beside its code): the root
+    # config is assembled from them
+    sections: dict[str, type] = field(default_factory=dict)
+    # config sections whose change makes the stage stale (default: the ones it owns)
+    reads_config: tuple[str, ...] | None = None
     # "module" or "module:function" with ``function(cfg, run_dir) -> counts`` (default name: run);
     # None: the stage is not built yet
     module: str | None = None
@@ -43,12 +47,16 @@ class StageSpec:
     distributed: bool = False
     # files outside the run directory the stage reads (a URL list, a checkpoint): a new
     # version of one (size or modification time) makes the stage stale, like a config change
-    input_files: Callable[[Config], list[str | None]] | None = None
+    input_files: Callable[[object], list[str | None]] | None = None
     # settings the code derives from the config (distill: the loss recipe a preset name stands
     # for): a new meaning of the same name makes the stage stale too
-    derived: Callable[[Config], dict] | None = None
+    derived: Callable[[object], dict] | None = None
 
-    def fingerprint(self, cfg: Config) -> str:
+    def __post_init__(self):
+        if self.reads_config is None:
+            object.__setattr__(self, "reads_config", tuple(self.sections))
+
+    def fingerprint(self, cfg) -> str:
         return fingerprint(cfg, self.reads_config, self.input_files(cfg) if self.input_files else (),
                            self.derived(cfg) if self.derived else None)
 
@@ -75,11 +83,17 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def record_is_current(record: dict | None, fingerprint: str, upstream: dict) -> bool:
+    """The rule of "done": a completion record made from this config fingerprint and these
+    upstream outputs (their run ids). The benchmark shares stages between run directories by it."""
+    return bool(record) and record.get("config_fingerprint") == fingerprint and record.get("upstream", {}) == upstream
+
+
 def _upstream_ids(run: RunDir, spec: StageSpec) -> dict[str, str | None]:
     return {u: (run.record(u) or {}).get("run_id") for u in spec.upstream}
 
 
-def stage_states(cfg: Config, run: RunDir, specs: list[StageSpec]) -> dict[str, StageState]:
+def stage_states(cfg, run: RunDir, specs: list[StageSpec]) -> dict[str, StageState]:
     """Status of every stage, in pipeline order (a stage after a stale one is stale too)."""
     states: dict[str, StageState] = {}
     for spec in specs:
@@ -111,7 +125,7 @@ def _counts_line(record: dict | None) -> str:
     return f"{counts} ({record.get('duration_s', 0):.1f}s)"
 
 
-def format_status(cfg: Config, run: RunDir, specs: list[StageSpec]) -> str:
+def format_status(cfg, run: RunDir, specs: list[StageSpec]) -> str:
     lines = [f"run directory {run.root}"]
     for state in stage_states(cfg, run, specs).values():
         detail = _counts_line(state.record) if state.status == "done" else state.why
@@ -121,7 +135,7 @@ def format_status(cfg: Config, run: RunDir, specs: list[StageSpec]) -> str:
     return "\n".join(lines)
 
 
-def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict | None:
+def _execute(cfg, run: RunDir, spec: StageSpec, force: bool) -> dict | None:
     """Run one stage and write its record. Under torchrun rank 0 alone opens and closes the
     stage folder; the barriers keep the other ranks from reading it in between."""
     started = {"config_fingerprint": spec.fingerprint(cfg), "upstream": _upstream_ids(run, spec)}
@@ -135,6 +149,10 @@ def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict | N
     if not devices.is_main():
         devices.barrier()
         return None
+    problems = run.output_problems(spec.name)
+    if problems:  # no record: the stage stays incomplete, and a re-run redoes it
+        raise UserError(f"stage {spec.name} finished without valid outputs, so it is not recorded as done: "
+                        f"{problems[0]}")
     timings, details = counts.pop("timings", {}), counts.pop("details", {})
     record = {
         "stage": spec.name,
@@ -155,7 +173,7 @@ def _execute(cfg: Config, run: RunDir, spec: StageSpec, force: bool) -> dict | N
     return record
 
 
-def run_stages(cfg: Config, specs: list[StageSpec], only: list[str] | None = None, force: bool = False) -> RunDir:
+def run_stages(cfg, specs: list[StageSpec], only: list[str] | None = None, force: bool = False) -> RunDir:
     """Run the pipeline (or only the named stages) in order; skip stages that are done.
 
     ``force`` re-runs the selected stages from scratch even if they are done; the stages

@@ -1,46 +1,57 @@
-"""The pipeline's stages, one module each, in the order they run.
+"""The pipeline's stages, one folder each, in the order they run.
 
-Each stage module exposes ``run(cfg, run_dir) -> counts``: it reads the outputs of its upstream
-stages from the run directory and writes its own folder there. The runner (``pipeline.runner``)
-decides what to run, skip or resume; a stage only does its own work. A ``distributed`` stage
-runs on every torchrun rank and splits its work by ``pipeline.devices.rank()``; the others run
-on rank 0 alone.
+``stages/<stage>/`` holds everything about a stage: ``config.py`` (its config section, every key
+with its help text), ``stage.py`` (``run(cfg, run_dir) -> counts``) and its helpers. A stage
+writes its own folder of the run directory and reads its upstream stages' outputs only through
+the artifacts declared in ``manifests.artifacts``. What several stages share (model registry,
+teacher and student loading, image helpers, plots) is ``stages.common``. The runner
+(``pipeline.runner``) decides what to run, skip or resume; a stage only does its own work. A
+``distributed`` stage runs on every torchrun rank and splits its work by
+``pipeline.devices.rank()``; the others run on rank 0 alone.
+
+Importing this package loads no torch: the stages' code is imported when a stage runs.
 """
-
-import dataclasses
 
 from manifests import expand_shards
 from pipeline.runner import StageSpec
+from stages.common.config import TeacherConfig
+from stages.crawl.config import CrawlConfig, DataConfig
+from stages.distill.config import DistillConfig
+from stages.evaluate.config import EvaluateConfig
+from stages.filter.config import FilterConfig
+from stages.perturb.config import PerturbConfig
+from stages.score.config import ScoreConfig
 
 
 def distill_recipe(cfg) -> dict:
-    """The loss recipe distill's preset resolves to (imported here, not at start-up: the distill
-    package loads torch)."""
-    from stages.distill.recipe import resolve
+    """The loss recipe distill's preset resolves to: a new meaning of a preset name makes distill
+    stale (imported here, not at start-up: the loss methods load torch)."""
+    from stages.distill.methods import resolve
 
-    return dataclasses.asdict(resolve(cfg.distill))
+    return dict(vars(resolve(cfg.distill)))
 
 
 STAGES = [
-    StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest",
-              reads_config=("data", "crawl"), upstream=(), module="stages.crawl",
+    StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest", upstream=(),
+              sections={"data": DataConfig, "crawl": CrawlConfig}, module="stages.crawl.stage",
               input_files=lambda cfg: [cfg.data.url_list] if cfg.data.source == "urls" else []),
-    StageSpec("score", "teacher pseudo-labels, features, open_clip embeddings",
-              reads_config=("teacher", "score"), upstream=("crawl",), module="stages.score", distributed=True,
+    StageSpec("score", "teacher pseudo-labels, features, open_clip embeddings", upstream=("crawl",),
+              sections={"teacher": TeacherConfig, "score": ScoreConfig}, module="stages.score.stage",
+              distributed=True,
               input_files=lambda cfg: [cfg.teacher.checkpoint, cfg.teacher.spec_file]
               + expand_shards(cfg.score.reference_shards, "score.reference_shards", must_exist=False)),
-    StageSpec("filter", "FAISS distribution matching and inverse-propensity weights",
-              reads_config=("filter",), upstream=("score",), module="stages.filter",
+    StageSpec("filter", "FAISS distribution matching and inverse-propensity weights", upstream=("score",),
+              sections={"filter": FilterConfig}, module="stages.filter.stage",
               input_files=lambda cfg: [cfg.filter.diagnostics_sources]),
-    StageSpec("perturb", "MixDistribution images of the selected samples",
-              reads_config=("perturb",), upstream=("filter",), module="stages.perturb"),
-    StageSpec("distill", "student training on the selected images", reads_config=("distill",),
-              upstream=("filter", "perturb"), module="stages.distill", distributed=True,
+    StageSpec("perturb", "MixDistribution images of the selected samples", upstream=("filter",),
+              sections={"perturb": PerturbConfig}, module="stages.perturb.stage"),
+    StageSpec("distill", "student training on the selected images", upstream=("filter", "perturb"),
+              sections={"distill": DistillConfig}, module="stages.distill.stage", distributed=True,
               derived=distill_recipe),
-    StageSpec("evaluate", "student and teacher on the labelled test set",
-              reads_config=("evaluate",), upstream=("distill",), module="stages.evaluate",
+    StageSpec("evaluate", "student and teacher on the labelled test set", upstream=("distill",),
+              sections={"evaluate": EvaluateConfig}, module="stages.evaluate.stage",
               input_files=lambda cfg: expand_shards(cfg.evaluate.test_set, "evaluate.test_set", must_exist=False)),
-    StageSpec("report", "markdown and HTML report", reads_config=(), upstream=("evaluate",), module="stages.report"),
+    StageSpec("report", "markdown and HTML report", upstream=("evaluate",), module="stages.report.stage"),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]

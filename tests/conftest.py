@@ -1,10 +1,15 @@
+import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from demo.world import build_private, build_web
 from pipeline.config import load_config
-from pipeline.demo import build_web
+from pipeline.runner import run_stages
+from stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +63,7 @@ def tiny_teacher(tmp_path_factory):
     """A convnet5 teacher with random weights (grey 28 px, 10 classes) and its spec as --set overrides."""
     import torch
 
-    from pipeline.models import create_model
+    from stages.common.models import create_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teacher") / "convnet5.pt"
@@ -67,3 +72,68 @@ def tiny_teacher(tmp_path_factory):
         "teacher.format=webdistill", "teacher.arch=convnet5", "teacher.arch_kwargs={width: 8}",
         f"teacher.checkpoint={path}", "teacher.class_names=[zero, one, two, three, four, five, six, seven, eight, nine]",
         "teacher.input_size=28", "teacher.channels=1", "teacher.mean=[0.13]", "teacher.std=[0.31]"]}
+
+
+
+# ---------------------------------------------------------------- perturb → distill → evaluate → report
+# A teacher trained on the demo's private MNIST split and the small web crawled, scored, filtered
+# and perturbed once per session; tests copy the run directory with ``fresh``.
+
+FAST = ["distill.epochs=3", "distill.batch_size=32", "distill.num_workers=0", "score.num_workers=0",
+        "filter.policy=threshold", "filter.min_similarity=null", "filter.propensity=class_frequency"]
+
+
+@pytest.fixture(scope="session")
+def private(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("private")
+    build_private(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_teacher(private, tmp_path_factory):
+    """convnet5 (width 8) trained for 2 epochs on the private train split: ~90% top-1."""
+    from demo.teacher import MNIST_MEAN, MNIST_STD, private_split
+    from stages.common.models import create_model
+
+    images, labels = private_split(private, "train")
+    x = (torch.tensor(np.stack([np.asarray(im) for im in images]), dtype=torch.float32).div(255).unsqueeze(1)
+         - MNIST_MEAN) / MNIST_STD
+    torch.manual_seed(0)
+    model = create_model("convnet5", num_classes=10, in_chans=1, width=8)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    y = torch.tensor(labels)
+    for _ in range(2):
+        for idx in torch.randperm(len(x)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = tmp_path_factory.mktemp("mnist_teacher") / "teacher.pt"
+    torch.save(model.eval().state_dict(), path)
+    return ["teacher.format=webdistill", "teacher.arch=convnet5", "teacher.arch_kwargs={width: 8}",
+            f"teacher.checkpoint={path}", "teacher.class_names=[zero, one, two, three, four, five, six, seven, "
+            "eight, nine]", "teacher.input_size=28", "teacher.channels=1", f"teacher.mean=[{MNIST_MEAN}]",
+            f"teacher.std=[{MNIST_STD}]"]
+
+
+def config(small_web, run_dir, teacher, private, *overrides):
+    return web_config(small_web, run_dir, *teacher, *FAST, f"evaluate.test_set={private}/test-*.tar", *overrides)
+
+
+@pytest.fixture(scope="session")
+def upstream(small_web, crawled, mnist_teacher, private, tmp_path_factory):
+    """A run directory with crawl, score, filter and perturb done (copied by each test)."""
+    run_dir = copy_crawl(crawled, tmp_path_factory.mktemp("upstream") / "run")
+    run_stages(config(small_web, run_dir, mnist_teacher, private), STAGES, only=["score", "filter", "perturb"])
+    return run_dir
+
+
+def fresh(upstream: Path, dest: Path) -> Path:
+    for stage in ("crawl", "score", "filter", "perturb"):
+        shutil.copytree(upstream / stage, dest / stage)
+    return dest
+
+
+def student_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "distill" / "student.pt", weights_only=False)["state_dict"]

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import yaml
 
+from pipeline.app import Config
 from pipeline.config import (
-    Config,
     commented_defaults,
     dump_yaml,
     fingerprint,

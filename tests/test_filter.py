@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from manifests import SCORE, SELECTION, read_manifest, write_manifest
-from pipeline import knn
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
 from stages import STAGES
-from stages import filter as filter_stage
+from stages.filter import knn
+from stages.filter import stage as filter_stage
 from tests.conftest import copy_crawl, web_config
 
 CLASSES = 4

@@ -32,7 +32,7 @@ def make(checkout: Path, *targets):
     venv = Path(sys.executable).parent.parent  # the venv running the tests, already set up
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
     return subprocess.run(["make", *targets, f"VENV={venv}"], cwd=checkout, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=2400)  # a safety net: ≥ 4× a busy run
 
 
 def test_make_all_runs_every_stage_and_ends_with_the_report(checkout):

@@ -119,11 +119,27 @@ def test_status_output(tmp_path):
 
 def test_a_new_meaning_of_a_preset_name_makes_distill_stale(monkeypatch):
     from stages import STAGES
-    from stages.distill import recipe
+    from stages.distill import methods
 
     distill = next(s for s in STAGES if s.name == "distill")
     cfg = load_config(None, ["distill.preset=webdistill"])
     before = distill.fingerprint(cfg)
     assert distill.fingerprint(load_config(None, ["distill.preset=webdistill"])) == before
-    monkeypatch.setitem(recipe.PRESETS, "webdistill", {"temperature": 2.0})  # same config, new recipe
+    monkeypatch.setitem(methods.PRESETS, "webdistill", {"temperature": 2.0})  # same config, new recipe
     assert distill.fingerprint(cfg) != before
+
+
+def test_a_stage_without_its_declared_outputs_is_not_recorded_done(tmp_path, monkeypatch):
+    from manifests import artifacts
+
+    cfg = cfg_for(tmp_path)
+    lacking = artifacts.Artifact("first", "summary.json", "json", "first's summary")
+    monkeypatch.setattr(artifacts, "ARTIFACTS", artifacts.ARTIFACTS + [lacking])
+    with pytest.raises(UserError, match="stage first finished without valid outputs.*summary.json.*not found"):
+        run_stages(cfg, SPECS)
+    assert RunDir(cfg.run_dir).record("first") is None
+    assert statuses(cfg)["first"] == "missing"
+    written = artifacts.Artifact("first", "out.txt", "file", "first's output")
+    monkeypatch.setattr(artifacts, "ARTIFACTS", artifacts.ARTIFACTS[:-1] + [written])
+    run_stages(cfg, SPECS)
+    assert statuses(cfg)["first"] == "done"

@@ -13,18 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from manifests import CRAWL, SCORE, SCORE_FAILURES, SELECTION, read_array, read_manifest
 from pipeline.config import dump_yaml, load_config, to_dict
 from pipeline.errors import UserError
-from pipeline.models import create_model
 from pipeline.rundir import RunDir
 from pipeline.runner import run_stages
-from pipeline.teacher import load_teacher
 from stages import STAGES
-from stages.score import prediction_table
+from stages.common.images import read_shard_images
+from stages.common.models import create_model
+from stages.common.teacher import load_teacher
+from stages.score.stage import prediction_table
 from tests.conftest import REPO, copy_crawl, free_port, web_config
 
 
@@ -64,18 +64,6 @@ def assert_same_outputs(a, b):
     pd.testing.assert_frame_equal(fa, fb)
 
 
-def read_shard_images(shards_dir, names=None):
-    """(uid, PIL image) of every image in the crawl shards (or the ``names`` ones), with tarfile and PIL only."""
-    for tar_path in sorted(shards_dir.glob("*.tar")):
-        if names is not None and tar_path.name not in names:
-            continue
-        with tarfile.open(tar_path) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(members):
-                if name.endswith(".json"):
-                    uid = json.loads(tar.extractfile(members[name]).read())["uid"]
-                    data = tar.extractfile(members[name.replace(".json", ".jpg")]).read()
-                    yield uid, Image.open(io.BytesIO(data)).convert("RGB")
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from manifests import IMAGE_KEYS
 from pipeline.errors import UserError
+from stages.common.images import image_key
 
 
 def epoch_order(shards: list[str], seed: int, epoch: int) -> list[str]:
@@ -67,7 +67,7 @@ def every_nth_per_shard(samples, rank: int, world: int):
 def decode(sample: dict, transform, rows: dict[str, int], with_mix: bool) -> dict:
     """A transfer-set sample → the original (and its first perturbation) as model inputs + its row
     in the score/filter arrays."""
-    ext = next(k for k in IMAGE_KEYS if k in sample)
+    ext = image_key(sample)
     out = {"row": rows[sample["__key__"]], "image": transform(Image.open(io.BytesIO(sample[ext])))}
     if with_mix:
         mix = next((sample[k] for k in sample if k.startswith("mix")), None)
@@ -126,11 +126,11 @@ class EpochStream(torch.utils.data.IterableDataset):
 
 @dataclass
 class TransferSet:
-    """perturb's shards with their sizes, and the row of each sample (uid) in the score arrays."""
+    """perturb's shards with their sizes, and the row of each sample (uid) among the kept samples."""
 
     folder: Path
     counts: dict[str, int]  # shard (relative to folder) -> samples
-    rows: dict[str, int]  # uid -> row of score/logits.npy and filter/selection.parquet
+    rows: dict[str, int]  # uid -> its row in the per-sample arrays distill holds (weights, cached teacher outputs)
 
     @property
     def size(self) -> int:

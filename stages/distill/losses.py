@@ -3,7 +3,7 @@
 Per-sample functions return one value per sample (shape (N,)); ``weighted_mean`` combines them
 with the per-sample weights (IPWD's inverse propensities, KDDM's sampling weights, KD³'s
 selection). Sources: Hinton et al. 2015 and mdistiller (KD); DFND (CVPR 2021) and mmrazor's
-port (noise adaptation); KD³ (ICCV 2023, reconstructed [U] as methods.md describes: selection,
+port (noise adaptation); KD³ (ICCV 2023, reconstructed [R] as docs/methods.md describes: selection,
 feature alignment, InfoNCE); IE-KD (CVPR 2021) as the aliyun code computes it.
 """
 
@@ -66,7 +66,7 @@ def confident_share(teacher_logits: torch.Tensor, share: float) -> torch.Tensor:
 
 def combined_selection(teacher_logits: torch.Tensor, student_logits: torch.Tensor, lam: float, mode: str,
                        tau: float, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """KD³ dynamic instance selection [U]: p_c = λ·softmax(z_t) + (1−λ)·softmax(z_s).
+    """KD³ dynamic instance selection [R]: p_c = λ·softmax(z_t) + (1−λ)·softmax(z_s).
 
     Returns (mask, pseudo-labels argmax p_c, weights max p_c). ``threshold`` keeps samples with
     max p_c ≥ tau; ``top_k`` the ``ratio`` most confident of the batch."""
@@ -129,7 +129,7 @@ def reconstruction_loss(reconstructed: torch.Tensor, features: torch.Tensor) -> 
 # ---------------------------------------------------------------- KDDM
 
 def sampling_weights(teacher_confidence: torch.Tensor, gamma: float) -> torch.Tensor:
-    """KDDM's sampling distribution over the transfer set [U]: q ∝ exp(confidence/γ), the maximiser
+    """KDDM's sampling distribution over the transfer set [R]: q ∝ exp(confidence/γ), the maximiser
     of E_q[teacher confidence] + γ·H(q), favouring images the teacher classifies well. Returned as
     importance weights N·q (mean 1), so sampling from q and weighting the loss agree in expectation."""
     q = F.softmax(teacher_confidence / gamma, dim=0)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.mixing import mix_within_batch
-from pipeline.student import Student
+from stages.common.mixing import mix_within_batch
+from stages.common.student import Student
 from stages.distill import losses
 
 

@@ -1,0 +1,39 @@
+"""Images in WebDataset samples and folders: which member holds the image, which files are images,
+and a plain reader of crawl shards (tarfile and PIL only: a reference independent of the loaders)."""
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+
+from manifests import IMAGE_KEYS
+
+# file suffixes read as images from a folder (the crawl's `source: folder`, a labelled test folder)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def image_key(sample: dict) -> str | None:
+    """The member of a WebDataset sample that holds its image (jpg, jpeg, png, webp), or None."""
+    return next((k for k in IMAGE_KEYS if k in sample), None)
+
+
+def is_image_member(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS
+
+
+def read_shard_images(shards_dir: Path, names=None) -> Iterator[tuple[str, Image.Image]]:
+    """(uid, RGB image) of every image in img2dataset's shards (or the ``names`` ones), read with
+    tarfile and PIL only: what the tests and benchmarks compare the stages' loaders with."""
+    for tar_path in sorted(Path(shards_dir).glob("*.tar")):
+        if names is not None and tar_path.name not in names:
+            continue
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(members):
+                if name.endswith(".json"):
+                    uid = json.loads(tar.extractfile(members[name]).read())["uid"]
+                    data = tar.extractfile(members[name.replace(".json", ".jpg")]).read()
+                    yield uid, Image.open(io.BytesIO(data)).convert("RGB")

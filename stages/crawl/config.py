@@ -1,0 +1,45 @@
+"""Config sections of the crawl stage: where the web images come from, and img2dataset's settings."""
+
+from dataclasses import dataclass
+
+from pipeline.config import opt
+
+
+@dataclass
+class DataConfig:
+    """Where the web images come from."""
+
+    source: str = opt("urls", "'urls': crawl a URL list with img2dataset; 'folder': images already on disk",
+                      choices=("urls", "folder"))
+    url_list: str | None = opt("demo_data/web_urls.parquet",
+                               "URL list (parquet, csv, tsv, txt, json, jsonl; as img2dataset reads) for source: urls")
+    input_format: str | None = opt(None, "format of url_list; null: guessed from its extension")
+    url_col: str = opt("url", "column of url_list that holds the URLs")
+    caption_col: str | None = opt(None, "column of url_list kept as caption (e.g. alt text or a weak label)")
+    folder: str | None = opt(None, "folder of images (searched recursively) for source: folder")
+    serve_folder: str | None = opt(
+        None, "serve this local folder on http://127.0.0.1:serve_port while crawling (the demo web, tests)")
+    serve_port: int = opt(8765, "port of the loopback server for serve_folder")
+
+
+@dataclass
+class CrawlConfig:
+    """img2dataset settings of the crawl stage (names as in img2dataset.download)."""
+
+    image_size: int = opt(64, "side of the stored images, in pixels")
+    resize_mode: str = opt("border", "how images are fitted to image_size",
+                           choices=("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"))
+    processes_count: int = opt(2, "download processes (use the number of cores)")
+    thread_count: int = opt(32, "download threads per process")
+    number_sample_per_shard: int = opt(1000, "URLs per WebDataset shard (the unit of resume)")
+    timeout: int = opt(10, "seconds before a download gives up")
+    retries: int = opt(0, "extra attempts for a failed download")
+    encode_format: str = opt("jpg", "format images are re-encoded to", choices=("jpg", "png", "webp"))
+    encode_quality: int = opt(95, "JPEG/WebP quality, or PNG compression")
+    min_image_size: int = opt(0, "drop images whose smaller side is below this")
+    distributor: str = opt(
+        "multiprocessing",
+        "'multiprocessing' (one machine); 'pyspark' or 'ray' to spread shards over a cluster "
+        "(start the Spark session or Ray cluster first, as img2dataset documents)",
+        choices=("multiprocessing", "pyspark", "ray"))
+    img2dataset_args: dict = opt({}, "any other img2dataset.download() argument, passed through as is")

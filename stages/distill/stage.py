@@ -1,0 +1,338 @@
+"""distill: train the student on the transfer set to match the teacher.
+
+Reads   manifests.artifacts PERTURB_COUNTS, PERTURB_FOLDER   the transfer-set shards (kept images
+                                                             and their perturbations)
+        SELECTION_MANIFEST                                   the kept uids and their IPW weights
+        LOGITS, FEATURES (by uid)                            cached teacher outputs (un-augmented
+                                                             views, IE-KD's auto-encoder, KDDM)
+        the teacher (cfg.teacher); cfg.distill
+Writes  RUN/distill/student.pt          the trained student (``stages.common.student.load_student``)
+        RUN/distill/history.csv         per epoch: every loss term, lr, selected share, teacher
+                                        agreement, images/s
+        RUN/distill/checkpoints/epoch_NNN.pt   after every epoch (the newest keep_checkpoints)
+        RUN/distill/summary.json
+
+One training step: a batch of kept images (augmented on the device, ``augment.py``), the teacher's
+logits and features (online, or cached by score), the student's forward pass (on the batch and its
+perturbed view when a loss needs one), the summed loss terms of every method of the recipe
+(``methods/``, one file per method), one optimiser step. The run resumes from its newest
+checkpoint after a kill and ends with the same weights as an uninterrupted run: every epoch's data
+order, augmentation and mixing draw from (seed, epoch) alone. Under torchrun the student is
+DistributedDataParallel and each rank reads its own shards.
+"""
+
+import io
+import itertools
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from manifests import atomic_write_bytes
+from manifests.artifacts import (
+    DISTILL_SUMMARY,
+    FEATURES,
+    HISTORY,
+    LOGITS,
+    PERTURB_COUNTS,
+    PERTURB_FOLDER,
+    SELECTION_MANIFEST,
+    STUDENT,
+)
+from pipeline import devices
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+from stages.common.student import Student, save_student
+from stages.common.teacher import Teacher, load_teacher
+from stages.distill import methods
+from stages.distill.augment import augment, augments, mixup
+from stages.distill.config import DistillConfig
+from stages.distill.data import TransferSet
+from stages.distill.methods import SAMPLE_WEIGHTS, Recipe, Step, describe, resolve
+from stages.distill.model import DistillModel, train_autoencoder
+
+log = logging.getLogger("webdistill.distill")
+
+
+# ---------------------------------------------------------------- inputs
+
+def transfer_set(run_dir: RunDir, split: str = "shard") -> tuple[TransferSet, pd.DataFrame]:
+    """perturb's shards, and the filter's kept samples in selection order: row i of every
+    per-sample array of the run (weights, cached teacher outputs) belongs to kept uid i."""
+    folder = run_dir.path(PERTURB_FOLDER)
+    counts = {s: n for s, n in run_dir.read(PERTURB_COUNTS).items() if n > 0}
+    selection = run_dir.read(SELECTION_MANIFEST, columns=["uid", "keep", "weight", "pseudo_label"])
+    kept = selection[selection["keep"]].reset_index(drop=True)
+    missing = [s for s in counts if not (folder / s).is_file()]
+    if missing:
+        raise UserError(f"perturb shard {folder / missing[0]} is missing: re-run perturb with --force")
+    return TransferSet(folder, counts, dict(zip(kept["uid"], kept.index)), split), kept
+
+
+def sample_weights(recipe: Recipe, kept: pd.DataFrame, logits: np.ndarray) -> torch.Tensor:
+    """Per-sample loss weight of each kept row, by ``distill.sample_weights`` (the methods' registry)."""
+    return SAMPLE_WEIGHTS[recipe.sample_weights](recipe, kept["weight"].to_numpy(np.float32), logits)
+
+
+# ---------------------------------------------------------------- schedule
+
+def lr_factor(step: int, total: int, warmup: int, kind: str, milestones: list) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``: linear warm-up, then the schedule.
+    ``onecycle``: warm-up over the first 30%, cosine down to 0 (OneCycleLR's shape)."""
+    if kind == "onecycle":
+        warmup = max(1, int(0.3 * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind in ("cosine", "onecycle"):
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "step":
+        return 0.1 ** sum(step >= m * total for m in milestones)
+    return 1.0
+
+
+# ---------------------------------------------------------------- one step
+
+class Trainer:
+    """Everything one training step needs, built once; ``epoch`` runs one pass."""
+
+    def __init__(self, settings: DistillConfig, recipe: Recipe, teacher: Teacher, model: DistillModel,
+                 weights: torch.Tensor, cached_logits: np.ndarray, cached_features: np.ndarray | None,
+                 autoencoder, device: torch.device):
+        self.settings, self.recipe, self.teacher, self.model = settings, recipe, teacher, model
+        self.teacher_head = torch.as_tensor(teacher.classifier[0], device=device) \
+            if recipe.classifier == "aligned" else None
+        self.weights, self.device, self.autoencoder = weights, device, autoencoder
+        self.cached_logits, self.cached_features = cached_logits, cached_features
+        self.online = settings.teacher_logits == "online" or (
+            settings.teacher_logits == "auto" and augments(settings))
+        self.ddp = model
+        if devices.world_size() > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        params = [p for n, p in model.named_parameters() if p.requires_grad and n != "theta"]
+        if settings.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, nesterov=True,
+                                             weight_decay=settings.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        # DFND learns the transition logits with Adam at 1e-3, apart from the student
+        self.theta_optimizer = torch.optim.Adam([model.theta], lr=1e-3) if model.theta is not None else None
+        fp16 = settings.precision == "fp16" or (settings.precision == "auto" and device.type == "cuda"
+                                                 and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and fp16)  # bf16 needs no scaling
+
+    def teacher_outputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.online:
+            with torch.no_grad(), devices.autocast(self.device, self.settings.precision):
+                logits, features = self.teacher.model(x)
+            return logits.float(), features.float()
+        idx = rows.numpy()
+        logits = torch.from_numpy(np.asarray(self.cached_logits[idx], np.float32)).to(self.device)
+        features = None
+        if self.cached_features is not None:
+            features = torch.from_numpy(np.asarray(self.cached_features[idx], np.float32)).to(self.device)
+        return logits, features
+
+    def loss(self, batch: dict, epoch_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        r, s = self.recipe, self.settings
+        views = [augment(batch[key].to(self.device, non_blocking=True), s, generator)
+                 for key in ("image", "mix") if key == "image" or r.perturbation == "offline"]
+        if s.augment_mixup:
+            views = mixup(views, s.augment_mixup, generator)
+        x, rows = views[0], batch["row"]
+        t_logits, t_features = self.teacher_outputs(x, rows)
+        n = len(x)
+        mix_from = None
+        if r.perturbation == "offline":
+            inputs = torch.cat(views)
+        elif r.perturbation == "online":
+            inputs, mix_from = torch.cat([x, x]), n
+        else:
+            inputs = x
+        with devices.autocast(self.device, s.precision):
+            out = self.ddp(inputs, mix_from=mix_from)
+        out = {k: v.float() for k, v in out.items()}
+        s_logits = out["logits"][:n]
+
+        step = Step(s_logits, t_logits, t_features, out, weight=self.weights[rows].to(self.device),
+                    labels=t_logits.argmax(1), confidence=torch.ones(n, device=self.device),
+                    epoch_fraction=epoch_fraction, model=self.model, teacher_head=self.teacher_head,
+                    autoencoder=self.autoencoder)
+        total, terms = methods.loss(r, step)
+        terms["agreement"] = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
+        return total, terms
+
+    def epoch(self, loader, steps: int, epoch: int, epochs: int, scheduler, seed: int) -> dict:
+        self.model.train()
+        torch.manual_seed(seed * 100003 + epoch)  # online mixing draws from the global generator
+        generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+        sums, seen, t0 = defaultdict(float), 0, time.time()
+        bar = tqdm(total=steps, desc=f"distill epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                   disable=not devices.is_main())
+        for step, batch in enumerate(itertools.islice(loader, steps)):
+            if len(batch["row"]) == 1:  # a worker's last batch: BatchNorm cannot train on one image
+                batch = {k: torch.cat([v, v]) for k, v in batch.items()}  # (skipping it would stall DDP)
+            loss, terms = self.loss(batch, (epoch + step / steps) / epochs, generator)  # progress, 0 → 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.theta_optimizer:
+                self.theta_optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            if self.theta_optimizer:
+                self.scaler.step(self.theta_optimizer)
+            self.scaler.update()
+            scheduler.step()
+            n = len(batch["row"])
+            seen += n
+            sums["loss"] += loss.item() * n
+            for k, v in terms.items():
+                sums[k] += float(v) * n
+            bar.update()
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+        bar.close()
+        seconds = time.time() - t0
+        seen_all = devices.sum_over_ranks(seen)
+        row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "images": seen_all,
+               "seconds": round(seconds, 3), "images_per_s": round(seen_all / max(seconds, 1e-9), 1)}
+        row.update({k: round(v / max(seen, 1), 5) for k, v in sums.items()})
+        return row
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("epoch_*.pt"))
+
+
+def save_checkpoint(folder: Path, epoch: int, trainer: Trainer, scheduler, history: list, keep: int) -> None:
+    state = {"epoch": epoch, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+             "theta_optimizer": trainer.theta_optimizer.state_dict() if trainer.theta_optimizer else None,
+             "scheduler": scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "history": history}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(folder / f"epoch_{epoch:03d}.pt", buffer.getvalue())
+    for old in _checkpoints(folder)[:-max(1, keep)]:
+        old.unlink(missing_ok=True)
+
+
+def resume(folder: Path, trainer: Trainer, scheduler) -> tuple[int, list]:
+    """Load the newest readable checkpoint; (epochs done, history). A checkpoint cut short by a
+    kill is skipped for the one before it."""
+    for path in reversed(_checkpoints(folder)):
+        try:
+            state = torch.load(path, map_location=trainer.device, weights_only=False)
+        except Exception as e:  # truncated by a kill mid-write (atomic writes make this rare)
+            log.warning("distill: checkpoint %s is unreadable (%s); trying the one before", path, e)
+            continue
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.theta_optimizer and state["theta_optimizer"]:
+            trainer.theta_optimizer.load_state_dict(state["theta_optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        log.info("distill: resuming after epoch %d from %s", state["epoch"], path.name)
+        return state["epoch"], state["history"]
+    return 0, []
+
+
+# ---------------------------------------------------------------- the stage
+
+def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher,
+                kept_features: np.ndarray | None) -> tuple[DistillModel, object, list]:
+    """The student and its helper modules (IE-KD's auto-encoder fitted first), seeded."""
+    torch.manual_seed(settings.seed)
+    needs = methods.needs(recipe)
+    shared = recipe.classifier == "shared"
+    if (shared or recipe.classifier == "aligned") and teacher.classifier is None:
+        raise UserError("distill.classifier shared/aligned needs the teacher's linear classifier, which this "
+                        "teacher does not expose; use classifier: own")
+    student = Student(settings.student, settings.student_library, settings.student_kwargs, teacher.num_classes,
+                      teacher.channels, teacher.feature_dim if "projector" in needs else None, shared,
+                      teacher.input_size)
+    if shared:
+        student.set_shared_head(*teacher.classifier)
+    autoencoder, ae_history, factor_dim = None, [], None
+    if "autoencoder" in needs:
+        autoencoder, ae_history = train_autoencoder(torch.from_numpy(np.asarray(kept_features, np.float32)),
+                                                    settings.ae_epochs, settings.seed)
+        factor_dim = autoencoder.encoder[-1].out_features
+        log.info("distill: IE-KD auto-encoder, %d epochs, reconstruction L1 %.4f", settings.ae_epochs,
+                 ae_history[-1] if ae_history else float("nan"))
+    model = DistillModel(student, teacher.num_classes, factor_dim, recipe.noise_adaptation_weight > 0,
+                         settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha)
+    return model, autoencoder, ae_history
+
+
+def run(cfg, run_dir: RunDir) -> dict:
+    settings, recipe = cfg.distill, resolve(cfg.distill)
+    out = run_dir.stage_dir("distill")
+    device = devices.pick_device(settings.device)
+    log.info("distill: %s student, preset %s (%s), on %s", settings.student, settings.preset, describe(recipe), device)
+    teacher = load_teacher(cfg.teacher, device)
+    data, kept = transfer_set(run_dir, settings.split)
+    logits = run_dir.rows(LOGITS, kept["uid"])  # joined on uid: row i belongs to kept uid i
+    features = run_dir.rows(FEATURES, kept["uid"]) if {"teacher_features", "autoencoder"} & methods.needs(recipe) \
+        else None
+    model, autoencoder, ae_history = build_model(settings, recipe, teacher, features)
+    model.to(device)
+    if autoencoder is not None:
+        autoencoder.to(device)
+    trainer = Trainer(settings, recipe, teacher, model, sample_weights(recipe, kept, logits), logits, features,
+                      autoencoder, device)
+    if not trainer.online and augments(settings):
+        log.warning("distill: teacher_logits cached with augmentation: the cached logits are of the "
+                    "un-augmented images")
+
+    world, rank = devices.world_size(), devices.rank()
+    with_mix = recipe.perturbation == "offline"
+    steps = data.steps(0, settings.seed, world, settings.num_workers, settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: lr_factor(
+        step, steps * settings.epochs, int(settings.warmup_epochs * steps), settings.schedule, settings.milestones))
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    start, history = resume(checkpoints, trainer, scheduler)
+    loader = data.loader(teacher.transform, start, settings.seed, rank, world, settings.batch_size,
+                         settings.num_workers, settings.shuffle_buffer, with_mix, settings.cache_mb)
+
+    t0 = time.time()
+    for epoch in range(start, settings.epochs):
+        steps = data.steps(epoch, settings.seed, world, settings.num_workers, settings.batch_size)
+        row = trainer.epoch(loader, steps, epoch, settings.epochs, scheduler, settings.seed)
+        history.append(row)
+        log.info("distill: epoch %d/%d %s", epoch + 1, settings.epochs,
+                 " ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "images")))
+        if devices.is_main():
+            save_checkpoint(checkpoints, epoch + 1, trainer, scheduler, history, settings.keep_checkpoints)
+        devices.barrier()
+    if not devices.is_main():
+        return {}
+    return finish(run_dir, trainer, teacher, history, recipe, settings, data, ae_history, time.time() - t0, start)
+
+
+def finish(run_dir: RunDir, trainer: Trainer, teacher: Teacher, history: list, recipe: Recipe, settings: DistillConfig,
+           data: TransferSet, ae_history: list, seconds: float, resumed_from: int) -> dict:
+    """Write the student, the history and the summary (rank 0)."""
+    student = trainer.model.student.cpu().eval()
+    run_dir.write(HISTORY, pd.DataFrame(history).to_csv(index=False).encode())
+    summary = {"student": settings.student, "preset": settings.preset, "recipe": describe(recipe),
+               "epochs": settings.epochs, "resumed_from_epoch": resumed_from, "world_size": devices.world_size(),
+               "batch_size_per_rank": settings.batch_size, "device": str(trainer.device),
+               "teacher_logits": "online" if trainer.online else "cached", "transfer_set": data.size,
+               "parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+               "final": history[-1] if history else {}, "autoencoder_l1": ae_history[-1] if ae_history else None,
+               "images_per_s": round(float(np.median([h["images_per_s"] for h in history])), 1) if history else None}
+    run_dir.write(DISTILL_SUMMARY, summary)
+    run_dir.write(STUDENT, save_student(student, {
+        "class_names": teacher.class_names, "input_size": teacher.input_size, "channels": teacher.channels,
+        "transform": teacher.transform, "preset": settings.preset}))
+    final = history[-1] if history else {}
+    return {"epochs": settings.epochs, "transfer_set": data.size,
+            "teacher_agreement": final.get("agreement"), "images_per_s": summary["images_per_s"],
+            "timings": {"train_s": round(seconds, 2)}, "details": {"recipe": describe(recipe)}}

@@ -1,0 +1,2 @@
+"""The evaluate stage: student and teacher on a labelled test set (stage.py); its config section
+`evaluate` (config.py)."""

@@ -1,0 +1,16 @@
+"""Config section of the evaluate stage."""
+
+from dataclasses import dataclass
+
+from pipeline.config import opt
+
+
+@dataclass
+class EvaluateConfig:
+    """The evaluate stage: student and teacher on a labelled test set."""
+
+    test_set: str | None = opt(None, "labelled test images: WebDataset shards with .cls labels (brace pattern or "
+                               "glob) or a folder with one subfolder per class name")
+    batch_size: int = opt(256, "images per forward pass")
+    ece_bins: int = opt(15, "confidence bins of the expected calibration error")
+    device: str = opt("auto", "auto: CUDA when available, else CPU")

@@ -1,0 +1,231 @@
+"""report: one page per run — what ran, what it kept, how the student learnt, how it scores.
+
+Reads   every stage's completion record, and its declared outputs (manifests.artifacts): summaries,
+        plots, training history, metrics; the resolved config
+Writes  RUN/report/report.md     markdown, plots beside it in RUN/report/plots/
+        RUN/report/report.html   the same page, self-contained (plots embedded): mail it, open it anywhere
+        RUN/report/headline.json the numbers `webdistill run` prints last
+
+The markdown is the single source: the HTML page is rendered from it (python-markdown) with every
+image inlined as a data URI.
+"""
+
+import base64
+import io
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from manifests import atomic_write_bytes
+from manifests.artifacts import (
+    CONFUSION,
+    DISTILL_SUMMARY,
+    FILTER_PLOTS,
+    FILTER_SUMMARY_TEXT,
+    HEADLINE,
+    HISTORY,
+    METRICS,
+    PER_CLASS,
+    PERTURB_SHARDS,
+    PERTURB_SUMMARY,
+    REPORT_HTML,
+    REPORT_MD,
+)
+from pipeline.config import dump_yaml
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+from stages import STAGE_NAMES
+from stages.common.images import image_key
+from stages.common.plots import figure_png, pyplot
+
+log = logging.getLogger("webdistill.report")
+
+STAGE_ORDER = [name for name in STAGE_NAMES if name != "report"]
+CSS = """body{font-family:system-ui,sans-serif;max-width:1050px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}h1{border-bottom:2px solid #333}"""
+
+
+def _optional(run_dir: RunDir, artifact):
+    """An upstream artifact, or None where that stage has not written it."""
+    return run_dir.read(artifact) if run_dir.path(artifact).exists() else None
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write_bytes(path, figure_png(fig, tight=False))  # the callers lay their figures out
+
+
+def plot_training(history: pd.DataFrame, path: Path) -> None:
+    """Loss terms, teacher agreement and learning rate per epoch."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    skip = {"epoch", "lr", "images", "seconds", "images_per_s", "agreement", "selected"}
+    for name in [c for c in history.columns if c not in skip]:
+        axes[0].plot(history["epoch"], history[name], label=name, marker=".")
+    axes[0].set_title("loss terms (per sample)")
+    axes[0].legend(fontsize=8)
+    for name in ("agreement", "selected"):
+        if name in history:
+            axes[1].plot(history["epoch"], history[name], label=name, marker=".")
+    axes[1].set_title("student = teacher on the transfer set; selected share")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(fontsize=8)
+    axes[2].plot(history["epoch"], history["lr"], marker=".")
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_perturbations(shard_dir: Path, path: Path, n: int = 8) -> bool:
+    """The first ``n`` kept images of the first shard above their MixDistribution versions."""
+    import webdataset as wds
+    from PIL import Image
+
+    shards = sorted(shard_dir.glob("*.tar"))
+    pairs = []
+    for sample in wds.WebDataset([str(s) for s in shards[:1]], shardshuffle=False, empty_check=False):
+        mix = next((k for k in sample if k.startswith("mix")), None)
+        original = image_key(sample)
+        if mix and original:
+            pairs.append([Image.open(io.BytesIO(sample[k])).convert("RGB") for k in (original, mix)])
+        if len(pairs) == n:
+            break
+    if not pairs:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(pairs), figsize=(1.4 * len(pairs), 3))
+    axes = np.asarray(axes).reshape(2, -1)
+    for j, (original, mixed) in enumerate(pairs):
+        for i, image in enumerate((original, mixed)):
+            axes[i, j].imshow(image)
+            axes[i, j].axis("off")
+    axes[0, 0].set_title("kept", fontsize=8, loc="left")
+    axes[1, 0].set_title("MixDistribution", fontsize=8, loc="left")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, floatfmt=".4g")
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def headline(run_dir: RunDir) -> dict | None:
+    """The numbers that sum a run up (None until evaluate has run)."""
+    metrics = _optional(run_dir, METRICS)
+    if metrics is None:
+        return None
+    distill = _optional(run_dir, DISTILL_SUMMARY) or {}
+    return {"teacher_top1": metrics["teacher"]["top1"], "student_top1": metrics["student"]["top1"],
+            "student_over_teacher": metrics["student_over_teacher"],
+            "student_macro_recall": metrics["student"]["macro_recall"], "student_ece": metrics["student"]["ece"],
+            "agreement": metrics["agreement"], "test_images": metrics["images"], "preset": distill.get("preset"),
+            "student": distill.get("student")}
+
+
+def headline_text(h: dict) -> str:
+    return (f"student {h['student']} ({h['preset']}): top-1 {_pct(h['student_top1'])} vs teacher "
+            f"{_pct(h['teacher_top1'])} ({100 * h['student_over_teacher']:.1f}% of it), macro recall "
+            f"{_pct(h['student_macro_recall'])}, ECE {h['student_ece']:.3f}, on {h['test_images']:,} test images")
+
+
+def _stage_rows(run_dir: RunDir) -> pd.DataFrame:
+    rows = []
+    for name in STAGE_ORDER:
+        record = run_dir.record(name) or {}
+        counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in record.get("counts", {}).items())
+        rows.append({"stage": name, "seconds": record.get("duration_s"), "counts": counts or "not run",
+                     "finished": record.get("finished_at", "")})
+    return pd.DataFrame(rows)
+
+
+def build(cfg, run_dir: RunDir, out: Path) -> str:
+    """The report's markdown; its plots are written under ``out/plots``."""
+    h = headline(run_dir)
+    if h is None:
+        raise UserError(f"{run_dir.path(METRICS)} not found: run the evaluate stage first")
+    plots = out / "plots"
+    md = [f"# webdistill report — {cfg.run_dir}", "", f"**{headline_text(h)}**", "",
+          "Accuracies are on the labelled test set of `evaluate.test_set`; the student never saw it.", ""]
+
+    md += ["## Stages", "", _table(_stage_rows(run_dir)), ""]
+
+    if run_dir.path(FILTER_SUMMARY_TEXT).is_file():
+        md += ["## Filter", "", "```", run_dir.read(FILTER_SUMMARY_TEXT).read_text().strip(), "```", ""]
+        for name in ("classes", "similarity", "confidence", "weights"):
+            source = run_dir.path(FILTER_PLOTS) / f"{name}.png"
+            if source.is_file():
+                atomic_write_bytes(plots / f"filter_{name}.png", source.read_bytes())
+                md += [f"![filter {name}](plots/filter_{name}.png)", ""]
+
+    perturb = _optional(run_dir, PERTURB_SUMMARY)
+    if perturb:
+        md += ["## Perturb", "", f"{perturb['perturbed']:,} MixDistribution images of {perturb['kept']:,} kept "
+               f"images (α = {perturb['alpha']}, partner {perturb['partner']}, mean λ "
+               f"{perturb['lam_mean'] if perturb['lam_mean'] is None else round(perturb['lam_mean'], 3)}).", ""]
+        if plot_perturbations(run_dir.path(PERTURB_SHARDS), plots / "perturbations.png"):
+            md += ["![perturbations](plots/perturbations.png)", ""]
+
+    summary = _optional(run_dir, DISTILL_SUMMARY)
+    if summary and run_dir.path(HISTORY).is_file():
+        history = pd.read_csv(run_dir.read(HISTORY))
+        plot_training(history, plots / "training.png")
+        md += ["## Distill", "", f"Student **{summary['student']}** ({summary['parameters']:,} trainable "
+               f"parameters), preset **{summary['preset']}**: {summary['recipe']}. {summary['epochs']} epochs on "
+               f"{summary['transfer_set']:,} images, batch {summary['batch_size_per_rank']} × {summary['world_size']} "
+               f"rank(s) on {summary['device']}, teacher logits {summary['teacher_logits']}; median "
+               f"{summary['images_per_s']} images/s.", "", "![training](plots/training.png)", "",
+               _table(history.drop(columns=["images"]).round(4)), ""]
+
+    metrics = run_dir.read(METRICS)
+    both = pd.DataFrame([{"model": name, "top-1": _pct(metrics[name]["top1"]),
+                          "macro recall": _pct(metrics[name]["macro_recall"]), "ECE": round(metrics[name]["ece"], 4)}
+                         for name in ("teacher", "student")])
+    per_class = pd.read_csv(run_dir.read(PER_CLASS))
+    atomic_write_bytes(plots / "evaluate_confusion.png", run_dir.read(CONFUSION).read_bytes())
+    md += ["## Evaluate", "", f"{metrics['images']:,} test images from `{metrics['test_set']}`; the student agrees "
+           f"with the teacher on {_pct(metrics['agreement'])} of them.", "", _table(both), "",
+           _table(per_class.round(4)), "", "![confusion](plots/evaluate_confusion.png)", ""]
+
+    md += ["## Configuration", "", "<details><summary>resolved config.yaml</summary>", "", "```yaml",
+           dump_yaml(cfg).strip(), "```", "", "</details>", ""]
+    return "\n".join(md)
+
+
+def to_html(markdown_text: str, folder: Path, title: str) -> str:
+    """A self-contained HTML page of the report: images inlined as data URIs."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code", "md_in_html"])
+
+    def inline(match):
+        data = base64.b64encode((folder / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head>"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def run(cfg, run_dir: RunDir) -> dict:
+    t0 = time.time()
+    out = run_dir.stage_dir("report")
+    text = build(cfg, run_dir, out)
+    run_dir.write(REPORT_MD, text.encode())
+    run_dir.write(REPORT_HTML, to_html(text, out, f"webdistill report — {cfg.run_dir}").encode())
+    h = headline(run_dir)
+    run_dir.write(HEADLINE, {**h, "text": headline_text(h)})  # `webdistill run` prints the text last
+    log.info("report: %s", run_dir.path(REPORT_HTML))
+    return {"student_top1": round(h["student_top1"], 4), "teacher_top1": round(h["teacher_top1"], 4),
+            "timings": {"total_s": round(time.time() - t0, 2)}}
