@@ -97,14 +97,14 @@ def write(root: Path, a: Artifact, data) -> Path:
 
 def rows(root: Path, a: Artifact, uids) -> np.ndarray:
     """The rows of array ``a`` that belong to ``uids``, in that order, in memory (its own dtype)."""
-    uid_column = read(root, a.rows_of, ["uid"])["uid"]
+    uid_column = read(root, a.rows_of, ["uid"])["uid"]  # read once: it also gives the row count
     position = dict(zip(uid_column, range(len(uid_column))))
     wanted = list(uids)
     unknown = [u for u in wanted if u not in position]
     if unknown:
         raise ManifestError(f"{a.location(root)}: {len(unknown)} uid(s) are not in {a.rows_of.name} (first: "
                             f"{unknown[0]}); re-run the {a.stage} stage and the ones after it with --force")
-    array = read(root, a)
+    array = read_array(a.location(root), len(uid_column), a.about)
     return np.asarray(array[np.asarray([position[u] for u in wanted], dtype=np.int64)])
 
 
