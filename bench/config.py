@@ -18,10 +18,10 @@ class BenchConfig:
                           "webdistill by one part")
     seeds: list = opt([0, 1, 2], "seeds of every method (distill.seed; the random subset's filter.seed)")
     train_images: int = opt(60000, "training images every student sees: epochs = train_images / its transfer set "
-                            "(rounded, at least 1), so every method gets the same compute")
+                            "(rounded, at least 1), so every method gets the same compute", valid="> 0")
     upper_bound_data: str | None = opt(None, "labelled private training images (WebDataset shards with .cls, or a "
-                                       "folder per class) for the upper_bound method: KD on the private data itself")
+                                       "folder per class) for the upper_bound method: KD on the private data itself", path=True)
     pool_sizes: list = opt([], "smaller pools (URL-list rows, a seeded sample) run end to end with webdistill to "
                            "time each stage against pool size; the full pool is always timed")
-    work_dir: str = opt("bench/work", "where each method's run directories go (runs/<method>/seed<k>)")
-    results_dir: str = opt("bench/results", "where the tables and plots go")
+    work_dir: str = opt("bench/work", "where each method's run directories go (runs/<method>/seed<k>)", path=True)
+    results_dir: str = opt("bench/results", "where the tables and plots go", path=True)

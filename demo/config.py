@@ -9,10 +9,10 @@ from pipeline.config import opt
 class DemoConfig:
     """The embedded demo: private MNIST split and a synthetic web pool (``webdistill demo-data``)."""
 
-    dir: str = opt("demo_data", "where the demo data is built")
-    pool_size: int = opt(10000, "images in the web pool (broken entries come on top)")
-    broken_fraction: float = opt(0.02, "share of broken entries in the URL list (404, truncated, non-image, refused)")
+    dir: str = opt("demo_data", "where the demo data is built", path=True)
+    pool_size: int = opt(10000, "images in the web pool (broken entries come on top)", valid="> 0")
+    broken_fraction: float = opt(0.02, "share of broken entries in the URL list (404, truncated, non-image, refused)", valid="[0, 1)")
     seed: int = opt(0, "seed of the demo data and of the demo teacher's training")
     teacher_arch: str = opt("convnet5", "webdistill architecture of the demo teacher (`make teacher`)")
-    teacher_epochs: int = opt(24, "training epochs of the demo teacher on the private train split")
-    teacher_min_accuracy: float = opt(0.985, "`make teacher` fails if the teacher's top-1 on the private test split is lower")
+    teacher_epochs: int = opt(24, "training epochs of the demo teacher on the private train split", valid=">= 1")
+    teacher_min_accuracy: float = opt(0.985, "`make teacher` fails if the teacher's top-1 on the private test split is lower", valid="[0, 1]")

@@ -22,13 +22,13 @@ import webdataset as wds
 import yaml
 from PIL import Image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from demo.world import demo_paths
 from manifests import atomic_write_bytes, atomic_write_json
 from pipeline.errors import UserError
 from stages.common.config import TeacherConfig
 from stages.common.models import create_model
+from stages.common.progress import progress
 from stages.common.teacher import load_teacher
 
 log = logging.getLogger("webdistill.demo")
@@ -73,7 +73,7 @@ def train(images: torch.Tensor, labels: torch.Tensor, arch: str, epochs: int, se
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=epochs * steps_per_epoch, pct_start=0.2)
     history = []
-    bar = tqdm(range(epochs), desc="demo teacher", unit="epoch")
+    bar = progress(range(epochs), desc="demo teacher", unit="epoch")
     for _ in bar:
         model.train()
         order = torch.randperm(len(images), generator=generator)

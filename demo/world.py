@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from tqdm import tqdm
 
 from manifests import atomic_write_json, uid_for
+from stages.common.progress import progress
 
 log = logging.getLogger("webdistill.demo")
 
@@ -212,7 +212,7 @@ def build_web(folder: Path, pool_size: int, broken_fraction: float, base_url: st
     files.mkdir(parents=True)
     rows = []
     order = rng.permutation(pool_size)  # file names are shuffled positions: no hint of the source
-    bar = tqdm(total=pool_size, desc="demo web pool", unit="img")
+    bar = progress(total=pool_size, desc="demo web pool", unit="img")
     for source, n in _pool_counts(pool_size).items():
         for img, label in _SOURCES[source](n, np.random.default_rng([seed, len(rows)])):
             fmt = "png" if rng.random() < 0.35 else "jpg"

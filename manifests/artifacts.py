@@ -11,6 +11,7 @@ rows of given uids through the manifest's uid column, and a uid it does not hold
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,11 @@ class Artifact:
     def name(self) -> str:
         return f"{self.stage}/{self.path}" if self.path else self.stage
 
-    def location(self, root: Path) -> Path:
-        return Path(root) / self.stage / self.path if self.path else Path(root) / self.stage
+    def location(self, root) -> Path:
+        """Where it is in run directory ``root``: a path, or an object whose ``stage_dir(stage)`` says
+        where a stage's folder is (a run directory building a stage in a partial folder)."""
+        folder = root.stage_dir(self.stage) if hasattr(root, "stage_dir") else Path(root) / self.stage
+        return folder / self.path if self.path else folder
 
 
 def _missing(root: Path, a: Artifact) -> ManifestError:
@@ -63,9 +67,9 @@ def read(root: Path, a: Artifact, columns: list[str] | None = None):
     a json object; the path of a file or folder (checked to exist)."""
     path = a.location(root)
     if a.kind == "manifest":
-        return read_manifest(path, a.schema, columns)
+        return read_manifest(path, a.schema, columns, stage=a.stage)
     if a.kind == "array":
-        return read_array(path, len(read(root, a.rows_of, ["uid"])), a.about)
+        return read_array(path, len(read(root, a.rows_of, ["uid"])), a.about, stage=a.stage)
     if not path.exists():
         raise _missing(root, a)
     if a.kind == "json":
@@ -104,8 +108,43 @@ def rows(root: Path, a: Artifact, uids) -> np.ndarray:
     if unknown:
         raise ManifestError(f"{a.location(root)}: {len(unknown)} uid(s) are not in {a.rows_of.name} (first: "
                             f"{unknown[0]}); re-run the {a.stage} stage and the ones after it with --force")
-    array = read_array(a.location(root), len(uid_column), a.about)
+    array = read_array(a.location(root), len(uid_column), a.about, stage=a.stage)
     return np.asarray(array[np.asarray([position[u] for u in wanted], dtype=np.int64)])
+
+
+def digest(path: Path) -> dict:
+    """Size and sha256 of a file: what an inventory records of each shard."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def write_inventory(root, a: Artifact, names) -> None:
+    """Record size and sha256 of the stage's files ``names`` (relative to its folder) in inventory ``a``."""
+    folder = Artifact(a.stage, "", "folder", "").location(root)
+    write(root, a, {name: digest(folder / name) for name in sorted(names)})
+
+
+def verified(root, a: Artifact, names) -> list[Path]:
+    """The paths of the files ``names`` of inventory ``a``, each checked to be the very file the
+    stage recorded (size, then sha256): a truncated or replaced shard is an error naming it and the
+    stage to re-run, never a short epoch."""
+    inventory, folder = read(root, a), Artifact(a.stage, "", "folder", "").location(root)
+    paths = []
+    for name in names:
+        path, recorded = folder / name, inventory.get(name)
+        if recorded is None:
+            raise ManifestError(f"{path}: not in {a.location(root)} ({a.about}); re-run the {a.stage} stage with --force")
+        found = digest(path) if path.is_file() else None
+        if found != recorded:
+            what = "missing" if found is None else f"{found['bytes']:,} bytes" if found["bytes"] != recorded["bytes"] \
+                else "different content (sha256)"
+            raise ManifestError(f"{path}: {what}, but the {a.stage} stage wrote {recorded['bytes']:,} bytes with "
+                                f"sha256 {recorded['sha256'][:12]}…: the shard was damaged or replaced since; re-run "
+                                f"the {a.stage} stage with --force")
+        paths.append(path)
+    return paths
 
 
 def check(root: Path, a: Artifact) -> str | None:
@@ -126,6 +165,8 @@ CRAWL_FOLDER = Artifact("crawl", "", "folder", "crawl folder (the `shard` column
 CRAWL_SHARDS = Artifact("crawl", "shards", "folder", "img2dataset's WebDataset shards of the crawl")
 CRAWL_MANIFEST = Artifact("crawl", "manifest.parquet", "manifest", "crawl manifest", schema=CRAWL)
 CRAWL_SUMMARY = Artifact("crawl", "summary.json", "json", "crawl summary")
+CRAWL_INVENTORY = Artifact("crawl", "inventory.json", "json", "size and sha256 of every crawl shard (names as "
+                           "in the `shard` column), checked by every stage that opens one")
 
 SCORE_MANIFEST = Artifact("score", "manifest.parquet", "manifest", "score manifest", schema=SCORE)
 SCORE_FAILURES_MANIFEST = Artifact("score", "failures.parquet", "manifest", "score failures",
@@ -151,6 +192,8 @@ PERTURB_FOLDER = Artifact("perturb", "", "folder", "perturb folder (shards.json 
 PERTURB_SHARDS = Artifact("perturb", "shards", "folder", "transfer-set shards (kept images + perturbations)")
 PERTURB_COUNTS = Artifact("perturb", "shards.json", "json", "samples per transfer-set shard "
                           "(names relative to the perturb folder)")
+PERTURB_INVENTORY = Artifact("perturb", "inventory.json", "json", "size and sha256 of every transfer-set shard "
+                             "(names as in shards.json), checked when distill opens them")
 PERTURBATION_MANIFEST = Artifact("perturb", "manifest.parquet", "manifest", "perturbation manifest",
                                  schema=PERTURBATION, optional=True)
 PERTURB_SUMMARY = Artifact("perturb", "summary.json", "json", "perturb summary", keys=("kept", "perturbed"))

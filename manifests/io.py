@@ -24,11 +24,22 @@ class ManifestError(UserError):
     """A manifest file that is missing, truncated, or does not follow its schema."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600: a written file gets the mode a plain open() would give it
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -79,17 +90,26 @@ def expand_shards(pattern: str | None, what: str, must_exist: bool = True) -> li
     return paths
 
 
-def read_array(path: Path, rows: int, what: str, mmap: bool = True) -> np.ndarray:
-    """A row-aligned array, checked to have one row per manifest row."""
+def _writer(stage: str | None) -> str:
+    return f"the {stage} stage" if stage else "the stage that writes it"
+
+
+def _rerun(stage: str | None) -> str:
+    return f"re-run {_writer(stage)} with --force"
+
+
+def read_array(path: Path, rows: int, what: str, mmap: bool = True, stage: str | None = None) -> np.ndarray:
+    """A row-aligned array, checked to have one row per manifest row (``stage``: the one that writes it,
+    named in the error messages)."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"{path}: {what} array not found (has the stage that writes it run?)")
+        raise ManifestError(f"{path}: {what} array not found (has {_writer(stage)} run?)")
     try:
-        array = np.load(path, mmap_mode="r" if mmap else None)
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise ManifestError(f"{path}: not a complete .npy file ({e}); re-run its stage with --force") from e
+        raise ManifestError(f"{path}: not a complete .npy file ({e}); {_rerun(stage)}") from e
     if len(array) != rows:
-        raise ManifestError(f"{path}: {len(array)} rows, but its manifest has {rows}: re-run its stage with --force")
+        raise ManifestError(f"{path}: {len(array)} rows, but its manifest has {rows}: {_rerun(stage)}")
     return array
 
 
@@ -125,16 +145,18 @@ def write_manifest(df: pd.DataFrame | pa.Table, path: Path, spec: ManifestSchema
     return path
 
 
-def read_manifest(path: Path, spec: ManifestSchema, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a manifest, checking it is complete parquet of the expected kind and schema."""
+def read_manifest(path: Path, spec: ManifestSchema, columns: list[str] | None = None,
+                  stage: str | None = None) -> pd.DataFrame:
+    """Read a manifest, checking it is complete parquet of the expected kind and schema (``stage``: the
+    one that writes it, named in the error messages)."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"{path}: {spec.name} manifest not found (has the {spec.name} stage run?)")
+        raise ManifestError(f"{path}: {spec.name} manifest not found (has {_writer(stage)} run?)")
     try:
         table = pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise ManifestError(
-            f"{path}: not a complete parquet file ({e}); re-run the {spec.name} stage with --force"
+            f"{path}: not a complete parquet file ({e}); {_rerun(stage)}"
         ) from e
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
@@ -145,7 +167,7 @@ def read_manifest(path: Path, spec: ManifestSchema, columns: list[str] | None = 
     if meta.get("version") != spec.version:
         raise ManifestError(
             f"{path}: {spec.name} manifest version {meta.get('version')}, this webdistill reads "
-            f"version {spec.version}; re-run the {spec.name} stage with --force"
+            f"version {spec.version}; {_rerun(stage)}"
         )
     if columns is None:
         _to_table(table, spec, str(path))

@@ -1,6 +1,8 @@
 """The ``webdistill`` command: a thin click layer over the importable pipeline."""
 
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,14 +19,15 @@ _SET = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
 
 
 def _load(target: str | None, overrides):
-    """A config from a YAML file, or the resolved config of a run directory."""
+    """A config from a YAML file, or the resolved config of a run directory: that directory, wherever
+    it is now (a copied or moved run directory acts on itself, not on the folder it was copied from)."""
     path = Path(target or DEFAULT_CONFIG)
-    if path.is_dir():
-        path = path / "config.yaml"
-        if not path.is_file():
-            raise UserError(f"{path.parent} is not a run directory (no config.yaml): give a config file "
-                            "or run `webdistill run CONFIG` first")
-    return load_config(path, overrides)
+    if not path.is_dir():
+        return load_config(path, overrides)
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{path} is not a run directory (no config.yaml): give a config file "
+                        "or run `webdistill run CONFIG` first")
+    return load_config(path / "config.yaml", [*overrides, f"run_dir={json.dumps(str(path.absolute()))}"])
 
 
 class _Group(click.Group):
@@ -34,7 +37,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            # one line, whatever a library put in the message it wraps
+            click.secho(f"error: {' '.join(str(e).split())}", fg="red", err=True)
             sys.exit(2)
 
 
@@ -79,8 +83,14 @@ def _echo_report(run) -> None:
     from pipeline import devices
 
     if devices.is_main() and run.record("report") and run.valid(HEADLINE):
-        click.echo(f"\nreport: {run.path(REPORT_HTML)} (markdown: {run.path(REPORT_MD)})\n"
+        click.echo(f"\nreport: {_shown(run.path(REPORT_HTML))} (markdown: {_shown(run.path(REPORT_MD))})\n"
                    f"{run.read(HEADLINE)['text']}")
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when it is below it."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def _stage_command(spec):

@@ -3,13 +3,16 @@
 Each section is a dataclass; every field carries its help text, so ``webdistill defaults``
 prints the full, commented default config. Loading is strict: an unknown or misspelt key is an
 error naming the key, the file and the closest valid key, and a value of the wrong type or
-outside its choices is an error too. Relative paths are relative to the working directory.
+outside its choices or its range is an error too. Relative paths are relative to the working
+directory and made absolute as the config loads, so a run directory's ``config.yaml`` means the
+same files wherever the tool runs from.
 """
 
 import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import field
@@ -19,10 +22,27 @@ import yaml
 
 from pipeline.errors import UserError
 
+# the ranges a numeric field may declare: name → (test, what the error says the value must be)
+RANGES = {
+    "> 0": (lambda v: v > 0, "> 0"),
+    ">= 0": (lambda v: v >= 0, "≥ 0"),
+    ">= 1": (lambda v: v >= 1, "≥ 1"),
+    "(0, 1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "port": (lambda v: 0 <= v <= 65535, "a port number (0–65535)"),
+    "share or count": (lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
+                       "a share in (0, 1] or a whole count above 1"),
+    "[min, max] > 0": (lambda v: len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1],
+                       "[min, max] with 0 < min ≤ max"),
+}
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A config field with its documentation (and allowed values)."""
-    meta = {"help": help, "choices": choices}
+
+def opt(default, help: str, choices: tuple | None = None, valid: str | None = None, path: bool = False):
+    """A config field with its documentation, its allowed values (``choices``, or a range of
+    ``RANGES``), and ``path``: a file or folder name, made absolute as the config loads."""
+    assert valid is None or valid in RANGES, valid
+    meta = {"help": help, "choices": choices, "valid": valid, "path": path}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,7 +54,7 @@ def root_config(sections: dict[str, type]) -> type:
     stage declares its own sections beside its code; the application lists them once
     (``pipeline.app``), so adding a section touches no file here."""
     fields = [("run_dir", str, opt("runs/demo", "run directory: one folder per stage, completion records, "
-                                               "resolved config"))]
+                                               "resolved config", path=True))]
     fields += [(name, cls, field(default_factory=cls, metadata={"help": cls.__doc__}))
                for name, cls in sections.items()]
     return dataclasses.make_dataclass("Config", fields)
@@ -78,11 +98,35 @@ def _build(cls, values: dict, prefix: str, origin: str):
             kwargs[name] = _build(hint, value or {}, where + ".", origin)
             continue
         value = _check_type(value, hint, where, origin)
-        choices = fields[name].metadata.get("choices")
+        meta = fields[name].metadata
+        choices = meta.get("choices")
         if choices and value not in choices:
-            raise UserError(f"{origin}: {where} = {value!r} is not one of {list(choices)}{_closest(str(value), list(choices))}")
+            raise UserError(f"{origin}: {where} = {value!r} is not one of {list(choices)}"
+                            f"{_closest(str(value), [str(c) for c in choices])}")
+        if meta.get("valid") and value is not None and not RANGES[meta["valid"]][0](value):
+            raise UserError(f"{origin}: {where} = {value!r} must be {RANGES[meta['valid']][1]}")
         kwargs[name] = value
+    for name, f in fields.items():  # defaults too: a default path means the same file from anywhere
+        if dataclasses.is_dataclass(hints[name]) and name not in kwargs:
+            kwargs[name] = _build(hints[name], {}, prefix + name + ".", origin)
+        if f.metadata.get("path"):
+            kwargs[name] = _absolute(kwargs[name] if name in kwargs else _default(f))
     return cls(**kwargs)
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+# values of path fields that name no file (the benchmark's random embedder weights)
+_NOT_PATHS = ("random",)
+
+
+def _absolute(value):
+    """A path made absolute against the working directory (not resolved: a symlink stays one)."""
+    if isinstance(value, str) and value and value not in _NOT_PATHS:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
 
 
 def _apply_override(raw: dict, assignment: str) -> None:
@@ -92,9 +136,26 @@ def _apply_override(raw: dict, assignment: str) -> None:
     key, value = assignment.split("=", 1)
     *parents, leaf = key.strip().split(".")
     node = raw
-    for p in parents:
+    for depth, p in enumerate(parents):
         node = node.setdefault(p, {})
-    node[leaf] = yaml.safe_load(value)
+        if not isinstance(node, dict):
+            raise UserError(f"--set {assignment!r}: {'.'.join(parents[:depth + 1])} is a value, not a section")
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {assignment!r}: the value is not valid YAML ({e.problem})") from e
+
+
+def _read_yaml(path: Path, what: str):
+    """The YAML document of ``path``; a file that is not UTF-8 YAML is a user error naming it."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what}: not UTF-8 text (byte {e.start}): is it a YAML file?") from e
+    except yaml.YAMLError as e:
+        raise UserError(f"{what}: not valid YAML: {e}") from e
+    except OSError as e:
+        raise UserError(f"{what}: cannot be read ({e.strerror})") from e
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (), root: type | None = None):
@@ -108,13 +169,15 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         origin = str(path)
         if not path.is_file():
             raise UserError(f"config file {path} not found (the demo's is configs/demo.yaml)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML: {e}") from e
+        raw = _read_yaml(path, str(path))
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections (crawl:, distill:, …), "
+                            f"got a {type(raw).__name__}")
     for assignment in overrides:
         _apply_override(raw, assignment)
-    if isinstance(raw.get("teacher"), dict) and raw["teacher"].get("spec_file"):
+    if isinstance(raw.get("teacher"), dict) and isinstance(raw["teacher"].get("spec_file"), str):
         raw["teacher"] = _with_spec_file(raw["teacher"], origin)
     return _build(root, raw, "", origin)
 
@@ -131,10 +194,7 @@ def _with_spec_file(teacher: dict, origin: str) -> dict:
     path = Path(teacher["spec_file"])
     if not path.is_file():
         return teacher
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} (teacher.spec_file of {origin}): not valid YAML: {e}") from e
+    spec = _read_yaml(path, f"{path} (teacher.spec_file of {origin})") or {}
     if not isinstance(spec, dict):
         raise UserError(f"{path} (teacher.spec_file of {origin}): must be a mapping of teacher keys")
     for key in _SPEC_PATHS:
@@ -177,8 +237,10 @@ def commented_defaults(cls=None, indent: str = "") -> str:
         help_text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
         if choices:
             help_text += f" (one of: {', '.join(map(str, choices))})"
+        if f.metadata.get("valid"):
+            help_text += f" (must be {RANGES[f.metadata['valid']][1]})"
         lines.extend(f"{indent}# {line.strip()}" for line in help_text.splitlines() if line.strip())
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = _default(f)
         if dataclasses.is_dataclass(default):
             lines.append(f"{indent}{f.name}:")
             lines.append(commented_defaults(type(default), indent + "  "))

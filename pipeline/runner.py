@@ -5,6 +5,7 @@ config sections it reads) and the outputs of its upstream stages (their ``run_id
 a stage gives it a new ``run_id``, which makes every later stage stale by itself.
 """
 
+import contextlib
 import importlib
 import logging
 import platform
@@ -51,6 +52,10 @@ class StageSpec:
     # settings the code derives from the config (distill: the loss recipe a preset name stands
     # for): a new meaning of the same name makes the stage stale too
     derived: Callable[[object], dict] | None = None
+    # "module:function" with ``function(cfg) -> None`` that raises UserError for settings or input
+    # files the stage cannot run with: called for every stage a run will execute before the first
+    # one starts (it reads only the config and files outside the run directory)
+    preflight: str | None = None
 
     def __post_init__(self):
         if self.reads_config is None:
@@ -61,8 +66,16 @@ class StageSpec:
                            self.derived(cfg) if self.derived else None)
 
     def function(self):
-        module, _, name = self.module.partition(":")
-        return getattr(importlib.import_module(module), name or "run")
+        return _resolve(self.module, "run")
+
+    def check(self, cfg) -> None:
+        if self.preflight:
+            _resolve(self.preflight, "preflight")(cfg)
+
+
+def _resolve(spec: str, default: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name or default)
 
 
 @dataclass
@@ -148,6 +161,7 @@ def _execute(cfg, run: RunDir, spec: StageSpec, force: bool) -> dict | None:
         _, resumed = run.begin(spec.name, started, resume=not force)
         log.info("▶ %s: %s%s", spec.name, spec.summary, " (resuming interrupted run)" if resumed else "")
     devices.barrier()
+    run.building(spec.name)
     t0, started_at = time.time(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     counts = (spec.function()(cfg, run) or {}) if spec.distributed or devices.is_main() else None
     if not devices.is_main():
@@ -155,8 +169,8 @@ def _execute(cfg, run: RunDir, spec: StageSpec, force: bool) -> dict | None:
         return None
     problems = run.output_problems(spec.name)
     if problems:  # no record: the stage stays incomplete, and a re-run redoes it
-        raise UserError(f"stage {spec.name} finished without valid outputs, so it is not recorded as done: "
-                        f"{problems[0]}")
+        raise UserError(f"stage {spec.name} finished without valid outputs, so it is not recorded as done "
+                        f"(the last complete output, if any, is kept): {problems[0]}")
     timings, details = counts.pop("timings", {}), counts.pop("details", {})
     record = {
         "stage": spec.name,
@@ -171,7 +185,7 @@ def _execute(cfg, run: RunDir, spec: StageSpec, force: bool) -> dict | None:
         "resumed": resumed,
         "versions": package_versions(),
     }
-    run.write_record(spec.name, record)
+    run.finish(spec.name, record)
     log.info("✓ %s: done — %s", spec.name, _counts_line(record))
     devices.barrier()
     return record
@@ -181,37 +195,54 @@ def run_stages(cfg, specs: list[StageSpec], only: list[str] | None = None, force
     """Run the pipeline (or only the named stages) in order; skip stages that are done.
 
     ``force`` re-runs the selected stages from scratch even if they are done; the stages
-    after them then become stale and run too when they are selected.
+    after them then become stale and run too when they are selected. Every stage that will run is
+    checked (its ``preflight``) before the first one starts, and the run directory is locked
+    against a second writer.
     """
     names = [s.name for s in specs]
     for name in only or []:
         if name not in names:
             raise UserError(f"unknown stage {name!r}; stages are {', '.join(names)}")
     run = RunDir(cfg.run_dir)
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"run_dir {run.root} is a file, not a folder: name a folder for the run")
     devices.init_distributed()
-    if devices.is_main():
-        run.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run.root / "config.yaml", dump_yaml(cfg).encode())
-    devices.barrier()
-    selected = [s for s in specs if not only or s.name in only]
+    with run.lock() if devices.is_main() else contextlib.nullcontext():
+        if devices.is_main():
+            run.recover(names)
+        selected = [s for s in specs if not only or s.name in only]
+        _preflight(cfg, run, specs, selected, force)
+        if devices.is_main():
+            atomic_write_bytes(run.root / "config.yaml", dump_yaml(cfg).encode())
+        devices.barrier()
+        for spec in selected:
+            if spec.module is None:
+                continue
+            state = stage_states(cfg, run, specs)[spec.name]
+            if state.status == "done" and not force:
+                log.info("✓ %s: up to date, skipped — %s (use --force to re-run)", spec.name,
+                         _counts_line(state.record))
+                continue
+            if state.status == "stale":
+                log.info("↻ %s: stale (%s)", spec.name, state.why)
+            _execute(cfg, run, spec, force)
     not_built = [s.name for s in selected if s.module is None]
-    for spec in selected:
-        if spec.module is None:
-            continue
-        states = stage_states(cfg, run, specs)
-        state = states[spec.name]
-        blocked = [u for u in spec.upstream if states[u].status != "done"]
-        if blocked:
-            raise UserError(
-                f"stage {spec.name} needs {', '.join(blocked)} to be done first: "
-                f"run `webdistill run CONFIG` or `webdistill {blocked[0]} {run.root}`")
-        if state.status == "done" and not force:
-            log.info("✓ %s: up to date, skipped — %s (use --force to re-run)", spec.name, _counts_line(state.record))
-            continue
-        if state.status == "stale":
-            log.info("↻ %s: stale (%s)", spec.name, state.why)
-        _execute(cfg, run, spec, force)
     if not_built:
         log.info("· not built yet: %s", ", ".join(not_built))
     return run
 
+
+def _preflight(cfg, run: RunDir, specs: list[StageSpec], selected: list[StageSpec], force: bool) -> None:
+    """Refuse, before anything runs, a run that cannot complete: a stage whose upstream is neither
+    done nor part of this run, or a stage whose settings or input files its check rejects."""
+    states = stage_states(cfg, run, specs)
+    will_run = {s.name for s in selected if s.module and (force or states[s.name].status != "done")}
+    for spec in selected:
+        if spec.name not in will_run:
+            continue
+        blocked = [u for u in spec.upstream if states[u].status != "done" and u not in will_run]
+        if blocked:
+            raise UserError(
+                f"stage {spec.name} needs {', '.join(blocked)} to be done first: "
+                f"run `webdistill run CONFIG` or `webdistill {blocked[0]} {run.root}`")
+        spec.check(cfg)

@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,7 +24,7 @@ def write(tmp_path, text):
 def test_demo_config_loads_with_its_values():
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.crawl.image_size == 64
-    assert cfg.data.url_list == "demo_data/web_urls.parquet"
+    assert cfg.data.url_list == str(Path.cwd() / "demo_data" / "web_urls.parquet")  # relative paths: to the cwd
     assert cfg.demo.pool_size >= 10_000
 
 
@@ -68,7 +69,7 @@ def test_overrides_and_fingerprints():
 def test_commented_defaults_is_the_loadable_default_config(tmp_path):
     text = commented_defaults()
     assert "# seconds before a download gives up" in text
-    assert load_config(write(tmp_path, text)) == Config()
+    assert load_config(write(tmp_path, text)) == load_config(None)
     assert yaml.safe_load(text)["crawl"]["processes_count"] == Config().crawl.processes_count
 
 

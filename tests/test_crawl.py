@@ -218,7 +218,7 @@ def test_sigkill_then_rerun_gives_each_success_exactly_once(small_web, slow_serv
                      "crawl.processes_count=1", "crawl.thread_count=2")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_yaml(cfg))
-    shards = tmp_path / "run" / "crawl" / "shards"
+    shards = tmp_path / "run" / "crawl.partial" / "shards"  # where the crawl is built until it completes
 
     proc = subprocess.Popen(crawl_command(config_file), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -231,6 +231,7 @@ def test_sigkill_then_rerun_gives_each_success_exactly_once(small_web, slow_serv
     assert proc.returncode == -signal.SIGKILL
     assert 3 <= done_at_kill < 17, "the kill must land part-way through the crawl"
     assert RunDir(cfg.run_dir).record("crawl") is None
+    assert not (tmp_path / "run" / "crawl").exists()  # nothing incomplete stands where the finished crawl goes
 
     rerun = subprocess.run(crawl_command(config_file), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -243,6 +244,7 @@ def test_sigkill_then_rerun_gives_each_success_exactly_once(small_web, slow_serv
     assert len(m) == len(sources) and m["uid"].is_unique
     joined = m.merge(sources, on="uid")
     assert (joined["reason"].fillna("ok") == joined["expected_reason"].fillna("ok")).all()
+    shards = tmp_path / "run" / "crawl" / "shards"
     uids = [u for u, _ in shard_samples(shards)]
     assert len(uids) == len(set(uids)) == (sources["planted"].isna()).sum()
     assert set(uids) == set(m.loc[m["status"] == "success", "uid"])

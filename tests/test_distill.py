@@ -138,7 +138,7 @@ def test_kill_9_then_resume_gives_the_same_weights(upstream, small_web, mnist_te
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "distill", str(config_file)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = killed / "distill" / "checkpoints" / "epoch_002.pt"
+    first = killed / "distill.partial" / "checkpoints" / "epoch_002.pt"  # built there until complete
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

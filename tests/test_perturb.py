@@ -71,11 +71,13 @@ def test_perturb_is_deterministic_and_resumes_per_shard(upstream, small_web, mni
     cfg = config(small_web, run_dir, mnist_teacher, private)
     shards = sorted((run_dir / "perturb" / "shards").glob("*.tar"))
     before = {s.name: s.read_bytes() for s in shards}
-    # a stage killed after its first shard: record gone, later shards gone
-    (run_dir / "perturb" / "_SUCCESS.json").unlink()
+    # a stage killed after its first shard: its partial folder without a record and without the later shards
+    partial = run_dir / "perturb.partial"
+    (run_dir / "perturb").rename(partial)
+    (partial / "_SUCCESS.json").unlink()
     for s in shards[1:]:
-        s.unlink()
-    first_mtime = shards[0].stat().st_mtime_ns
+        (partial / "shards" / s.name).unlink()
+    first_mtime = (partial / "shards" / shards[0].name).stat().st_mtime_ns
     run_stages(cfg, STAGES, only=["perturb"])
     record = json.loads((run_dir / "perturb" / "_SUCCESS.json").read_text())
     assert record["counts"]["resumed_shards"] == 1 and record["resumed"]

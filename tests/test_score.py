@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from manifests import CRAWL, SCORE, SCORE_FAILURES, SELECTION, read_array, read_manifest
+from manifests.artifacts import CRAWL_INVENTORY
 from pipeline.config import dump_yaml, load_config, to_dict
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
@@ -146,6 +147,8 @@ def test_broken_images_and_damaged_shards_are_recorded_not_fatal(small_web, craw
     shards[1].write_bytes(data[: len(data) // 2])
     _rewrite_tar(shards[2], lambda ms: [(m, b"<html>" if m.name.endswith(".jpg") else d) for m, d in ms])
     in_shard2 = ok.loc[ok["shard"] == "shards/00002.tar", "uid"]
+    # as if the crawl had written them so (its inventory says so): damage after the crawl is refused (test_faults)
+    RunDir(run_dir).write_inventory(CRAWL_INVENTORY, [f"shards/{s.name}" for s in shards])
 
     run_stages(score_config(small_web, tiny_teacher, run_dir), STAGES, only=["score"])
     manifest, arrays, failures = outputs(run_dir)
@@ -191,7 +194,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(small_web, crawled, tiny
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_yaml(cfg))
     command = [sys.executable, "-m", "pipeline", "score", str(config_file)]
-    parts = run_dir / "score" / "parts"
+    parts = run_dir / "score.partial" / "parts"  # the score is built there until complete
 
     proc = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

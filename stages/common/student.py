@@ -8,8 +8,6 @@ without the config that trained it.
 """
 
 import io
-import pickle
-import types
 from pathlib import Path
 
 import torch
@@ -61,31 +59,16 @@ def save_student(student: Student, extra: dict) -> bytes:
     return buffer.getvalue()
 
 
-class _Unpickler(pickle.Unpickler):
-    """Reads student files written before the shared modules moved from ``pipeline`` to
-    ``stages.common``: the pickled input transform names its class by module path."""
-
-    MOVED = {"pipeline.teacher": "stages.common.teacher", "pipeline.student": "stages.common.student",
-             "pipeline.models": "stages.common.models"}
-
-    def find_class(self, module, name):
-        return super().find_class(self.MOVED.get(module, module), name)
-
-
-_PICKLE = types.SimpleNamespace(**{k: getattr(pickle, k) for k in ("load", "loads", "dump", "dumps")},
-                                Unpickler=_Unpickler, __name__="pickle")
-
-
 def load_student(path: Path, device: torch.device | str = "cpu") -> tuple[Student, dict]:
     """(student in eval mode, the file's metadata) from a file ``save_student`` wrote."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"student file {path} not found: run the distill stage first")
-    try:
-        # our own file: it pickles the input transform
-        blob = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
-    except Exception as e:
-        raise UserError(f"student file {path} cannot be read ({e}): re-run distill with --force") from e
+    try:  # a file is data: weights_only runs no pickled code
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — truncated, not a torch file, or pickled objects (an older webdistill)
+        raise UserError(f"student file {path} cannot be read as weights-only torch data "
+                        f"({str(e).splitlines()[0][:200]}): re-run distill with --force") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise UserError(f"{path} is not a webdistill student file (format {FORMAT})")
     spec = blob["spec"]

@@ -13,8 +13,11 @@ checked at load time with one dry forward pass, and every mismatch is a ``UserEr
 the file and what is wrong. Nothing is downloaded: open_clip and timm see HF_HUB_OFFLINE=1.
 """
 
+import dataclasses
 import hashlib
 import importlib
+import importlib.util
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -65,6 +68,9 @@ class ImageTransform:
     """
 
     def __init__(self, size: int, channels: int, mean, std):
+        # plain data that rebuilds it: what a student file stores (no pickled code in a checkpoint)
+        self.spec = {"size": int(size), "channels": int(channels), "mean": [float(m) for m in mean],
+                     "std": [float(s) for s in std]}
         self.mode, self.size = ("L" if channels == 1 else "RGB"), size
         self.scale = (1 / (255 * np.asarray(std, dtype=np.float32))).reshape(-1, 1, 1)
         self.shift = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)).reshape(-1, 1, 1)
@@ -116,7 +122,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and safetensors errors all mean the same to the user
-        raise UserError(f"teacher checkpoint {path} cannot be read as a PyTorch state_dict: {e}") from e
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"teacher checkpoint {path} cannot be read as a PyTorch state_dict (loaded as data, "
+                        f"weights_only): {first[:300]}") from e
     for key in _STATE_DICT_KEYS:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -260,19 +268,45 @@ def _library_net(spec: TeacherConfig, n_classes: int) -> tuple[nn.Module, str]:
 
 
 def _entrypoint_net(spec: TeacherConfig, n_classes: int) -> tuple[nn.Module, str]:
-    module_name, _, function = (spec.arch or "").partition(":")
+    module_name, _, function = (spec.arch or "").rpartition(":")
     if not module_name or not function:
-        raise UserError(f"teacher.arch {spec.arch!r}: format entrypoint needs module:function, e.g. mymodels:resnet")
-    try:
-        fn = getattr(importlib.import_module(module_name), function)
-    except ImportError as e:
-        raise UserError(f"teacher.arch {spec.arch}: cannot import {module_name}: {e}") from e
-    except AttributeError as e:
-        raise UserError(f"teacher.arch {spec.arch}: {module_name} has no {function}") from e
-    net = fn(**spec.arch_kwargs)
+        raise UserError(f"teacher.arch {spec.arch!r}: format entrypoint needs module:function or path/to/file.py:function, "
+                        "e.g. mymodels:resnet")
+    module = _import_entrypoint(module_name, spec)
+    if not hasattr(module, function):
+        raise UserError(f"teacher.arch {spec.arch}: {module.__file__} has no {function}")
+    net = getattr(module, function)(**spec.arch_kwargs)
     if not isinstance(net, nn.Module):
         raise UserError(f"teacher.arch {spec.arch} returned {type(net).__name__}, not a torch nn.Module")
     return net, f"the model of entry point {spec.arch}"
+
+
+def _import_entrypoint(name: str, spec: TeacherConfig):
+    """The module of an entry point: a file (``path/to/net.py``), or a module found on ``sys.path``,
+    beside the teacher's spec file, or in the working directory, in that order."""
+    places = [Path(spec.spec_file).parent] if spec.spec_file else []
+    places.append(Path.cwd())
+    if name.endswith(".py"):
+        candidates = [Path(name)] if Path(name).is_absolute() else [p / name for p in places]
+    else:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name.split(".")[0]:  # the module exists but fails to import something of its own
+                raise UserError(f"teacher.arch {spec.arch}: importing {name} fails: {e}") from e
+        candidates = [p / f"{name.replace('.', '/')}.py" for p in places]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise UserError(f"teacher.arch {spec.arch}: cannot find {name} (looked on sys.path and in "
+                        f"{', '.join(str(p) for p in places)}): put the file beside the teacher spec file, write "
+                        "teacher.arch as path/to/file.py:function, or add its folder to PYTHONPATH")
+    module_spec = importlib.util.spec_from_file_location(f"webdistill_entrypoint_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 — the user's file: name it with what went wrong
+        raise UserError(f"teacher.arch {spec.arch}: importing {path} fails: {type(e).__name__}: {e}") from e
+    return module
 
 
 def _state_dict_teacher(spec: TeacherConfig, names: list[str]) -> tuple[nn.Module, str]:
@@ -424,6 +458,20 @@ def load_teacher(spec: TeacherConfig, device: torch.device | str = "cpu") -> Tea
     prior = bn_feature_prior(model, feature_dim, rectified=bool((blank_features >= 0).all()))
     return Teacher(model.to(device).eval(), names, transform, size, channels, feature_dim, classifier, description,
                    prior)
+
+
+_CHECKED: dict[str, Teacher] = {}
+
+
+def check_teacher(spec: TeacherConfig) -> Teacher:
+    """The teacher loaded on the CPU with its dry forward pass, once per spec and checkpoint version in a
+    process: the pre-flight check of every stage that needs it."""
+    files = [f for f in (spec.checkpoint, spec.spec_file) if f and Path(f).is_file()]
+    key = json.dumps([dataclasses.asdict(spec), [(f, Path(f).stat().st_mtime_ns) for f in files]], default=str)
+    if key not in _CHECKED:
+        _CHECKED.clear()  # one teacher at a time is enough to remember
+        _CHECKED[key] = load_teacher(spec, "cpu")
+    return _CHECKED[key]
 
 
 @dataclass

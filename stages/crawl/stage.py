@@ -33,11 +33,12 @@ from manifests import (
     atomic_write_json,
     uid_for,
 )
-from manifests.artifacts import CRAWL_MANIFEST, CRAWL_SHARDS, CRAWL_SUMMARY
+from manifests.artifacts import CRAWL_INVENTORY, CRAWL_MANIFEST, CRAWL_SHARDS, CRAWL_SUMMARY
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from stages.common.images import IMAGE_SUFFIXES
 from stages.crawl.config import CrawlConfig, DataConfig
+from stages.crawl.guard import guarded_downloads
 from stages.crawl.webserver import serve_folder
 
 log = logging.getLogger("webdistill.crawl")
@@ -52,7 +53,7 @@ _READERS = {
 }
 # img2dataset arguments the stage sets itself: overriding them would break the stage's contract
 _MANAGED = {"url_list", "output_folder", "output_format", "input_format", "url_col", "caption_col",
-            "save_additional_columns", "incremental_mode", "compute_hash", "enable_wandb"}
+            "save_additional_columns", "incremental_mode", "compute_hash", "enable_wandb", "max_image_area"}
 
 # img2dataset error message → short failure reason, first match wins
 _REASONS = [
@@ -66,6 +67,8 @@ _REASONS = [
     (re.compile(r"X-Robots-Tag"), "disallowed"),
     (re.compile(r"hash mismatch"), "hash_mismatch"),
     (re.compile(r"Connection reset|Remote end closed|IncompleteRead|EOF occurred", re.I), "connection_error"),
+    (re.compile(r"refused scheme|unknown url type", re.I), "refused_scheme"),
+    (re.compile(r"too large"), "too_large"),
 ]
 
 
@@ -117,23 +120,41 @@ def _list_folder(data: DataConfig) -> pd.DataFrame:
                          "caption": [str(Path(r).parent) if "/" in r else None for r in rel]})
 
 
-def prepare_inputs(data: DataConfig, path: Path) -> tuple[pd.DataFrame, dict]:
-    """The URL list de-duplicated and keyed by uid, written to ``path`` (kept on resume)."""
+def allowed_schemes(cfg) -> tuple[str, ...]:
+    """The schemes the crawl fetches: the configured ones; a folder source's own file:// URLs too."""
+    return tuple(cfg.crawl.allowed_schemes) + (("file",) if cfg.data.source == "folder" else ())
+
+
+def prepare_inputs(data: DataConfig, path: Path, schemes: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The URL list de-duplicated and keyed by uid, written to ``path`` (kept on resume), and the rows
+    whose scheme is not fetched (``refused.parquet`` beside it)."""
+    refused_path = path.with_name("refused.parquet")
     if path.is_file():
-        return pd.read_parquet(path), json.loads(path.with_suffix(".json").read_text())
+        return pd.read_parquet(path), pd.read_parquet(refused_path), json.loads(path.with_suffix(".json").read_text())
     df = read_url_list(data) if data.source == "urls" else _list_folder(data)
     n_in = len(df)
     df = df[df["url"].notna() & (df["url"] != "")]
     n_empty = n_in - len(df)
     df = df.drop_duplicates("url")
-    info = {"listed": n_in, "empty_urls": n_empty, "duplicate_urls": n_in - n_empty - len(df)}
     if df.empty:
         raise UserError(f"the input ({data.url_list or data.folder}) lists no URL")
     df = pd.DataFrame({"url": df["url"].to_numpy(), "uid": [uid_for(i) for i in df["identity"]],
                        "caption": df["caption"].to_numpy()})
+    scheme = df["url"].str.extract(r"^([A-Za-z][A-Za-z0-9+.-]*):", expand=False).str.lower()
+    fetched = scheme.isin(schemes).to_numpy()
+    refused = df[~fetched].assign(error=[f"refused scheme {s if isinstance(s, str) else 'none'!r}: only "
+                                         f"{', '.join(schemes)} are fetched (crawl.allowed_schemes)"
+                                         for s in scheme[~fetched]])
+    df = df[fetched]
+    info = {"listed": n_in, "empty_urls": n_empty, "duplicate_urls": n_in - n_empty - len(df) - len(refused),
+            "refused_scheme": len(refused)}
+    if df.empty:
+        raise UserError(f"the input ({data.url_list or data.folder}) lists no URL the crawl fetches: all "
+                        f"{len(refused):,} have a scheme other than {', '.join(schemes)} (crawl.allowed_schemes)")
     atomic_write_json(path.with_suffix(".json"), info)
-    atomic_write_bytes(path, df.to_parquet(index=False))  # last: its presence means both are there
-    return df, info
+    atomic_write_bytes(refused_path, refused.to_parquet(index=False))
+    atomic_write_bytes(path, df.to_parquet(index=False))  # last: its presence means all three are there
+    return df, refused, info
 
 
 # ---------------------------------------------------------------- shards
@@ -190,12 +211,13 @@ def _download_args(cfg: CrawlConfig, urls: Path, shards: Path, has_caption: bool
         thread_count=cfg.thread_count, number_sample_per_shard=cfg.number_sample_per_shard,
         timeout=cfg.timeout, retries=cfg.retries, encode_format=cfg.encode_format,
         encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
+        max_image_area=cfg.max_image_area or float("inf"),
         distributor=cfg.distributor, **extra,
     )
 
 
-def gather_manifest(shards: Path) -> pd.DataFrame:
-    """img2dataset's per-shard parquet files as one crawl manifest."""
+def gather_manifest(shards: Path, refused: pd.DataFrame) -> pd.DataFrame:
+    """img2dataset's per-shard parquet files as one crawl manifest, with the refused rows (failed)."""
     parts = []
     for stats in sorted(shards.glob("*_stats.json")):
         stem = stats.name.removesuffix("_stats.json")
@@ -205,7 +227,7 @@ def gather_manifest(shards: Path) -> pd.DataFrame:
     df = pd.concat(parts, ignore_index=True)
     ok = df["status"] == "success"
     error = df["error_message"].astype("string")
-    return pd.DataFrame({
+    crawled = pd.DataFrame({
         "uid": df["uid"], "url": df["url"],
         "status": ok.map({True: "success", False: "failed"}),
         "reason": [None if good else failure_reason(str(e)) for good, e in zip(ok, error)],
@@ -215,13 +237,31 @@ def gather_manifest(shards: Path) -> pd.DataFrame:
         **{c: df[c].astype("Int32") for c in ("width", "height", "original_width", "original_height")},
         "caption": df["caption"] if "caption" in df else None,
     })
+    if refused.empty:
+        return crawled
+    return pd.concat([crawled, pd.DataFrame({"uid": refused["uid"], "url": refused["url"], "status": "failed",
+                                             "reason": "refused_scheme", "error": refused["error"],
+                                             "caption": refused["caption"]})], ignore_index=True)
 
 
 # ---------------------------------------------------------------- stage
 
+def preflight(cfg) -> None:
+    """What the crawl can check before anything runs: the URL list (or folder) reads and has its
+    columns, img2dataset accepts the extra arguments, the distributor and served folder exist."""
+    if cfg.data.source == "urls":
+        read_url_list(cfg.data)
+    else:
+        _list_folder(cfg.data)
+    _download_args(cfg.crawl, Path("urls.parquet"), Path("shards"), False)
+    if cfg.data.serve_folder and not Path(cfg.data.serve_folder).is_dir():
+        raise UserError(f"data.serve_folder {cfg.data.serve_folder} is not a folder (the demo web is built by "
+                        "`make demo-data`)")
+
+
 def run(cfg, run_dir: RunDir) -> dict:
     out = run_dir.stage_dir("crawl")
-    urls, info = prepare_inputs(cfg.data, out / "urls.parquet")
+    urls, refused, info = prepare_inputs(cfg.data, out / "urls.parquet", allowed_schemes(cfg))
     shards = run_dir.path(CRAWL_SHARDS)
     dropped = drop_incomplete_shards(shards)
     if dropped:
@@ -229,13 +269,15 @@ def run(cfg, run_dir: RunDir) -> dict:
                  len(dropped), ", ".join(dropped))
     expected = math.ceil(len(urls) / cfg.crawl.number_sample_per_shard)
     done_before = set(shards.glob("*_stats.json"))
-    log.info("crawl: %s URLs in %d shard(s), %d already done; img2dataset with %d process(es) × %d threads",
+    log.info("crawl: %s rows listed (%s empty, %s duplicate, %s of a refused scheme): %s URLs in %d shard(s), "
+             "%d already done; img2dataset with %d process(es) × %d threads", f"{info['listed']:,}",
+             f"{info['empty_urls']:,}", f"{info['duplicate_urls']:,}", f"{info['refused_scheme']:,}",
              f"{len(urls):,}", expected, len(done_before), cfg.crawl.processes_count, cfg.crawl.thread_count)
 
     args = _download_args(cfg.crawl, out / "urls.parquet", shards, urls["caption"].notna().any())
     serving = serve_folder(cfg.data.serve_folder, cfg.data.serve_port) if cfg.data.serve_folder else nullcontext()
     t0 = time.time()
-    with serving:
+    with serving, guarded_downloads(allowed_schemes(cfg), int(cfg.crawl.max_download_mb * (1 << 20))):
         download(**args)
     seconds = time.time() - t0
 
@@ -247,14 +289,17 @@ def run(cfg, run_dir: RunDir) -> dict:
                         f"{failed_shards or ''} (see img2dataset's messages above); re-run the crawl "
                         "to retry them: finished shards are kept")
 
-    manifest = gather_manifest(shards)
+    manifest = gather_manifest(shards, refused)
+    run_dir.write_inventory(CRAWL_INVENTORY, [f"shards/{tar.name}" for tar in shards.glob("*.tar")])
     run_dir.write(CRAWL_MANIFEST, manifest)
     # images/s of this run: a resumed crawl does not count the shards it found done
     new_images = sum(json.loads(f.read_text())["successes"] for f in stats - done_before)
     summary = summarize(manifest, info, seconds, new_images)
     run_dir.write(CRAWL_SUMMARY, summary)
     reasons = ", ".join(f"{r} {n}" for r, n in summary["failures_by_reason"].items()) or "none"
-    log.info("crawl: %s attempted, %s succeeded, %s failed (%s); %.1f images/s", f"{summary['attempted']:,}",
+    log.info("crawl: %s rows listed, %s dropped before the crawl (empty or duplicate URLs); %s attempted, %s "
+             "succeeded, %s failed (%s); %.1f images/s", f"{info['listed']:,}",
+             f"{info['empty_urls'] + info['duplicate_urls']:,}", f"{summary['attempted']:,}",
              f"{summary['succeeded']:,}", f"{summary['failed']:,}", reasons, summary["images_per_s"] or 0)
     if summary["succeeded"] == 0:
         raise UserError(f"crawl: no image could be downloaded ({reasons}); see the error column of "

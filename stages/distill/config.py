@@ -22,72 +22,72 @@ class DistillConfig:
                       "with ipwd's weights), webdistill (the recipe the benchmark chose for the filtered set: "
                       "Hinton KD, as kd)",
                       choices=("kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"))
-    epochs: int = opt(20, "passes over the selected images")
-    batch_size: int = opt(128, "images per step and per torchrun rank")
+    epochs: int = opt(20, "passes over the selected images", valid=">= 1")
+    batch_size: int = opt(128, "images per step and per torchrun rank", valid="> 0")
     optimizer: str = opt("sgd", "sgd (Nesterov momentum) or adamw", choices=("sgd", "adamw"))
-    lr: float = opt(0.05, "peak learning rate (per rank's batch; scale it with the number of ranks yourself)")
-    momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "weight decay")
+    lr: float = opt(0.05, "peak learning rate (per rank's batch; scale it with the number of ranks yourself)", valid="> 0")
+    momentum: float = opt(0.9, "SGD momentum", valid="[0, 1)")
+    weight_decay: float = opt(5e-4, "weight decay", valid=">= 0")
     schedule: str = opt("cosine", "learning-rate schedule over all steps: cosine, step (×0.1 at milestones), "
                         "onecycle, constant", choices=("cosine", "step", "onecycle", "constant"))
     milestones: list = opt([0.5, 0.75], "for schedule step: fractions of training where the rate drops ×0.1")
-    warmup_epochs: float = opt(1.0, "linear warm-up (cosine, step, constant schedules)")
-    augment_shift: int = opt(2, "random translation of up to this many pixels; 0: none")
+    warmup_epochs: float = opt(1.0, "linear warm-up (cosine, step, constant schedules)", valid=">= 0")
+    augment_shift: int = opt(2, "random translation of up to this many pixels; 0: none", valid=">= 0")
     augment_hflip: bool = opt(False, "random horizontal flips (off: digits and text are not mirror-symmetric)")
-    augment_rotate: float = opt(0.0, "random rotation of up to ± this many degrees; 0: none")
-    augment_scale: float = opt(0.0, "random zoom by a factor in [1 − s, 1 + s]; 0: none")
+    augment_rotate: float = opt(0.0, "random rotation of up to ± this many degrees; 0: none", valid=">= 0")
+    augment_scale: float = opt(0.0, "random zoom by a factor in [1 − s, 1 + s]; 0: none", valid="[0, 1)")
     augment_elastic: float = opt(0.0, "elastic distortion (Simard et al. 2003): scale α in pixels of the smoothed "
-                                 "random displacement field (their MNIST setting: 34); 0: none")
-    augment_elastic_sigma: float = opt(4.0, "σ in pixels of the Gaussian that smooths the elastic displacement field")
+                                 "random displacement field (their MNIST setting: 34); 0: none", valid=">= 0")
+    augment_elastic_sigma: float = opt(4.0, "σ in pixels of the Gaussian that smooths the elastic displacement field", valid="> 0")
     augment_mixup: float = opt(0.0, "mixup of each image with another of its batch, λ ~ Beta(a, a), the teacher "
-                               "labelling the mixed image (function matching, Beyer et al. 2022); 0: none")
+                               "labelling the mixed image (function matching, Beyer et al. 2022); 0: none", valid=">= 0")
     teacher_logits: str = opt("auto", "online: run the teacher on every view; cached: the logits score wrote "
                               "(un-augmented views only); auto: cached when nothing is augmented",
                               choices=("auto", "online", "cached"))
     # loss settings: null takes the preset's value
-    temperature: float | None = opt(None, "KD temperature T (preset: 4)")
-    kd_weight: float | None = opt(None, "weight of T²·KL(teacher ‖ student) (preset: 0.9)")
-    ce_weight: float | None = opt(None, "weight of the cross-entropy with the teacher's hard label (preset: 0.1)")
+    temperature: float | None = opt(None, "KD temperature T (preset: 4)", valid="> 0")
+    kd_weight: float | None = opt(None, "weight of T²·KL(teacher ‖ student) (preset: 0.9)", valid=">= 0")
+    ce_weight: float | None = opt(None, "weight of the cross-entropy with the teacher's hard label (preset: 0.1)", valid=">= 0")
     sample_weights: str | None = opt(None, "per-sample loss weights: none, filter (the filter's inverse-propensity "
                                      "weights: IPWD), kddm (the learned sampling distribution)",
                                      choices=(None, "none", "filter", "kddm"))
     batch_select: float | None = opt(None, "keep only this share of each batch, most confident first (DFND as "
-                                     "mmrazor; 1: all)")
-    noise_adaptation_weight: float | None = opt(None, "weight of DFND's noise-adaptation loss NLL(log(p_s·Q), ŷ_t)")
+                                     "mmrazor; 1: all)", valid="(0, 1]")
+    noise_adaptation_weight: float | None = opt(None, "weight of DFND's noise-adaptation loss NLL(log(p_s·Q), ŷ_t)", valid=">= 0")
     teacher_accuracy: float | None = opt(None, "diagonal of DFND's transition matrix Q: the teacher's known "
-                                         "accuracy (preset: 0.95)")
+                                         "accuracy (preset: 0.95)", valid="(0, 1]")
     selection: str | None = opt(None, "KD³ dynamic selection each step from λ·p_teacher + (1−λ)·p_student: none, "
                                 "threshold (max ≥ selection_tau) or top_k (the selection_ratio most confident)",
                                 choices=(None, "none", "threshold", "top_k"))
-    selection_tau: float | None = opt(None, "threshold of the combined confidence (preset: 0.5)")
-    selection_ratio: float | None = opt(None, "share kept by top_k selection (preset: 0.7)")
+    selection_tau: float | None = opt(None, "threshold of the combined confidence (preset: 0.5)", valid="[0, 1]")
+    selection_ratio: float | None = opt(None, "share kept by top_k selection (preset: 0.7)", valid="(0, 1]")
     selection_lambda: list | None = opt(None, "[first, last] λ of the combined prediction, linear over epochs "
                                         "(preset: [1.0, 0.5])")
-    feature_weight: float | None = opt(None, "weight of KD³'s weighted feature alignment ‖h(f_s) − f_t‖²")
+    feature_weight: float | None = opt(None, "weight of KD³'s weighted feature alignment ‖h(f_s) − f_t‖²", valid=">= 0")
     classifier: str | None = opt(None, "own: the student's classifier; shared: the teacher's frozen classifier on "
                                  "the projected student features (KD³); aligned: own, pulled towards it",
                                  choices=(None, "own", "shared", "aligned"))
-    contrastive_weight: float | None = opt(None, "weight of the InfoNCE between each image and its perturbation")
-    contrastive_temperature: float | None = opt(None, "InfoNCE temperature (preset: 0.1)")
+    contrastive_weight: float | None = opt(None, "weight of the InfoNCE between each image and its perturbation", valid=">= 0")
+    contrastive_temperature: float | None = opt(None, "InfoNCE temperature (preset: 0.1)", valid="> 0")
     perturbation: str | None = opt(None, "the perturbed view: offline (the perturb stage's images), online "
                                    "(MixDistribution of a shallow student feature map, partner from the batch) "
                                    "or none", choices=(None, "none", "offline", "online"))
     mix_layer: str = opt("auto", "student module whose output online MixDistribution perturbs; auto: the first "
                          "child module (the stem)")
-    mix_alpha: float = opt(0.3, "online MixDistribution: λ ~ Beta(mix_alpha, mix_alpha)")
-    inherit_weight: float | None = opt(None, "IE-KD: weight of the inheritance loss (preset iekd: 1)")
-    explore_weight: float | None = opt(None, "IE-KD: weight of the exploration loss (preset iekd: 1)")
-    ae_epochs: int = opt(30, "IE-KD: epochs of the teacher-feature auto-encoder, on the features score cached")
-    kddm_gamma: float | None = opt(None, "KDDM: temperature of the sampling distribution softmax(confidence/γ)")
+    mix_alpha: float = opt(0.3, "online MixDistribution: λ ~ Beta(mix_alpha, mix_alpha)", valid="> 0")
+    inherit_weight: float | None = opt(None, "IE-KD: weight of the inheritance loss (preset iekd: 1)", valid=">= 0")
+    explore_weight: float | None = opt(None, "IE-KD: weight of the exploration loss (preset iekd: 1)", valid=">= 0")
+    ae_epochs: int = opt(30, "IE-KD: epochs of the teacher-feature auto-encoder, on the features score cached", valid=">= 1")
+    kddm_gamma: float | None = opt(None, "KDDM: temperature of the sampling distribution softmax(confidence/γ)", valid="> 0")
     device: str = opt("auto", "auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU")
     precision: str = opt("auto", "autocast dtype; auto: bf16 on CUDA (fp16 where unsupported), fp32 on CPU",
                          choices=("auto", "fp32", "bf16", "fp16"))
-    num_workers: int = opt(2, "DataLoader processes reading and decoding the shards (per rank)")
+    num_workers: int = opt(2, "DataLoader processes reading and decoding the shards (per rank)", valid=">= 0")
     split: str = opt("shard", "how torchrun ranks share the transfer set: whole shards (each rank reads its own), or "
                      "every world_size-th sample of every shard (equal shares when there are few shards)",
                      choices=("shard", "sample"))
     cache_mb: float = opt(1024.0, "decoded images each loader worker keeps in memory (MiB), so that epochs after the "
-                          "first skip reading and decoding; 0: decode every epoch")
-    shuffle_buffer: int = opt(2000, "samples in the shuffle buffer (shard order is shuffled too)")
+                          "first skip reading and decoding; 0: decode every epoch", valid=">= 0")
+    shuffle_buffer: int = opt(2000, "samples in the shuffle buffer (shard order is shuffled too)", valid="> 0")
     seed: int = opt(0, "seed of initialisation, data order and augmentation: the same seed gives the same weights")
-    keep_checkpoints: int = opt(2, "epoch checkpoints kept (the newest); training resumes from the last one")
+    keep_checkpoints: int = opt(2, "epoch checkpoints kept (the newest); training resumes from the last one", valid=">= 1")

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from manifests import atomic_write_bytes
 from manifests.artifacts import (
@@ -42,14 +41,16 @@ from manifests.artifacts import (
     LOGITS,
     PERTURB_COUNTS,
     PERTURB_FOLDER,
+    PERTURB_INVENTORY,
     SELECTION_MANIFEST,
     STUDENT,
 )
 from pipeline import devices
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
+from stages.common.progress import progress
 from stages.common.student import Student, save_student
-from stages.common.teacher import Teacher, load_teacher
+from stages.common.teacher import Teacher, check_teacher, load_teacher
 from stages.distill import methods
 from stages.distill.augment import augment, augments, mixup
 from stages.distill.config import DistillConfig
@@ -69,9 +70,7 @@ def transfer_set(run_dir: RunDir, split: str = "shard") -> tuple[TransferSet, pd
     counts = {s: n for s, n in run_dir.read(PERTURB_COUNTS).items() if n > 0}
     selection = run_dir.read(SELECTION_MANIFEST, columns=["uid", "keep", "weight", "pseudo_label"])
     kept = selection[selection["keep"]].reset_index(drop=True)
-    missing = [s for s in counts if not (folder / s).is_file()]
-    if missing:
-        raise UserError(f"perturb shard {folder / missing[0]} is missing: re-run perturb with --force")
+    run_dir.verified(PERTURB_INVENTORY, counts)  # each shard as perturb wrote it: never a short epoch
     return TransferSet(folder, counts, dict(zip(kept["uid"], kept.index)), split), kept
 
 
@@ -174,7 +173,7 @@ class Trainer:
         torch.manual_seed(seed * 100003 + epoch)  # online mixing draws from the global generator
         generator = torch.Generator().manual_seed(seed * 100003 + epoch)
         sums, seen, t0 = defaultdict(float), 0, time.time()
-        bar = tqdm(total=steps, desc=f"distill epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+        bar = progress(total=steps, desc=f"distill epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
                    disable=not devices.is_main())
         for step, batch in enumerate(itertools.islice(loader, steps)):
             if len(batch["row"]) == 1:  # a worker's last batch: BatchNorm cannot train on one image
@@ -223,22 +222,25 @@ def save_checkpoint(folder: Path, epoch: int, trainer: Trainer, scheduler, histo
 
 
 def resume(folder: Path, trainer: Trainer, scheduler) -> tuple[int, list]:
-    """Load the newest readable checkpoint; (epochs done, history). A checkpoint cut short by a
-    kill is skipped for the one before it."""
+    """Load the newest usable checkpoint; (epochs done, history). Checkpoints are data: loaded with
+    ``weights_only`` (a planted pickle runs no code), and one that is unreadable (cut short by a
+    kill) or lacks what resuming needs is skipped for the one before it."""
     for path in reversed(_checkpoints(folder)):
         try:
-            state = torch.load(path, map_location=trainer.device, weights_only=False)
-        except Exception as e:  # truncated by a kill mid-write (atomic writes make this rare)
-            log.warning("distill: checkpoint %s is unreadable (%s); trying the one before", path, e)
+            state = torch.load(path, map_location=trainer.device, weights_only=True)
+            trainer.model.load_state_dict(state["model"])
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            if trainer.theta_optimizer and state["theta_optimizer"]:
+                trainer.theta_optimizer.load_state_dict(state["theta_optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            trainer.scaler.load_state_dict(state["scaler"])
+            epoch, history = int(state["epoch"]), list(state["history"])
+        except Exception as e:  # noqa: BLE001 — whatever is wrong with it, the one before may be fine
+            log.warning("distill: checkpoint %s is not usable (%s); trying the one before", path,
+                        str(e).splitlines()[0][:200])
             continue
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if trainer.theta_optimizer and state["theta_optimizer"]:
-            trainer.theta_optimizer.load_state_dict(state["theta_optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        trainer.scaler.load_state_dict(state["scaler"])
-        log.info("distill: resuming after epoch %d from %s", state["epoch"], path.name)
-        return state["epoch"], state["history"]
+        log.info("distill: resuming after epoch %d from %s", epoch, path.name)
+        return epoch, history
     return 0, []
 
 
@@ -268,6 +270,14 @@ def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher,
     model = DistillModel(student, teacher.num_classes, factor_dim, recipe.noise_adaptation_weight > 0,
                          settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha)
     return model, autoencoder, ae_history
+
+
+def preflight(cfg) -> None:
+    """The teacher loads, the preset resolves and the student can be built for the teacher's classes."""
+    teacher = check_teacher(cfg.teacher)
+    resolve(cfg.distill)
+    Student(cfg.distill.student, cfg.distill.student_library, cfg.distill.student_kwargs, teacher.num_classes,
+            teacher.channels, input_size=teacher.input_size)
 
 
 def run(cfg, run_dir: RunDir) -> dict:
@@ -331,7 +341,7 @@ def finish(run_dir: RunDir, trainer: Trainer, teacher: Teacher, history: list, r
     run_dir.write(DISTILL_SUMMARY, summary)
     run_dir.write(STUDENT, save_student(student, {
         "class_names": teacher.class_names, "input_size": teacher.input_size, "channels": teacher.channels,
-        "transform": teacher.transform, "preset": settings.preset}))
+        "transform": teacher.transform.spec, "preset": settings.preset}))
     final = history[-1] if history else {}
     return {"epochs": settings.epochs, "transfer_set": data.size,
             "teacher_agreement": final.get("agreement"), "images_per_s": summary["images_per_s"],

@@ -10,7 +10,7 @@ class EvaluateConfig:
     """The evaluate stage: student and teacher on a labelled test set."""
 
     test_set: str | None = opt(None, "labelled test images: WebDataset shards with .cls labels (brace pattern or "
-                               "glob) or a folder with one subfolder per class name")
-    batch_size: int = opt(256, "images per forward pass")
-    ece_bins: int = opt(15, "confidence bins of the expected calibration error")
+                               "glob) or a folder with one subfolder per class name", path=True)
+    batch_size: int = opt(256, "images per forward pass", valid="> 0")
+    ece_bins: int = opt(15, "confidence bins of the expected calibration error", valid="> 0")
     device: str = opt("auto", "auto: CUDA when available, else CPU")

@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from manifests import atomic_write_bytes, expand_shards
 from manifests.artifacts import CONFUSION, METRICS, PER_CLASS, STUDENT
@@ -31,8 +30,9 @@ from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from stages.common.images import IMAGE_SUFFIXES, image_key
 from stages.common.plots import figure_png, pyplot
+from stages.common.progress import progress
 from stages.common.student import load_student
-from stages.common.teacher import load_teacher
+from stages.common.teacher import check_teacher, load_teacher
 
 log = logging.getLogger("webdistill.evaluate")
 
@@ -113,7 +113,7 @@ def predict(models: dict, images, transform, batch_size: int, device: torch.devi
                 logits[name].append(model(x)[0].float().cpu().numpy())
 
     batch = []
-    for key, image, label in tqdm(images, desc="evaluate", unit="img"):
+    for key, image, label in progress(images, desc="evaluate", unit="img"):
         keys.append(key)
         labels.append(label)
         batch.append(transform(image))
@@ -148,10 +148,38 @@ def plot_confusion(matrices: dict[str, np.ndarray], class_names: list[str], top1
     return figure_png(fig, dpi=110)
 
 
-def run(cfg, run_dir: RunDir) -> dict:
-    settings, out = cfg.evaluate, run_dir.stage_dir("evaluate")
+def _test_set(settings) -> str:
     if not settings.test_set:
         raise UserError("evaluate.test_set is not set: name labelled test shards (with .cls) or a folder per class")
+    return settings.test_set
+
+
+def test_labels(spec: str, class_names: list[str]) -> np.ndarray:
+    """The labels of the test set (images not decoded), checked against the teacher's classes."""
+    path = Path(spec)
+    if path.is_dir() and not any(path.glob("*.tar")):
+        labels = [label for _, _, label in _folder_images(path, class_names)]
+    else:
+        shards = expand_shards(str(path / "*.tar") if path.is_dir() else spec, "evaluate.test_set")
+        labels = [int(s["cls"]) for s in wds.WebDataset([str(s) for s in shards], shardshuffle=False,
+                                                          empty_check=False).select(lambda s: "cls" in s)]
+    if not labels:
+        raise UserError(f"evaluate.test_set {spec} holds no labelled image")
+    labels = np.asarray(labels)
+    if labels.max() >= len(class_names) or labels.min() < 0:
+        raise UserError(f"evaluate.test_set {spec}: labels run from {labels.min()} to {labels.max()}, but the "
+                        f"teacher has {len(class_names)} classes")
+    return labels
+
+
+def preflight(cfg) -> None:
+    """The test set exists and its classes are the teacher's."""
+    test_labels(_test_set(cfg.evaluate), check_teacher(cfg.teacher).class_names)
+
+
+def run(cfg, run_dir: RunDir) -> dict:
+    settings, out = cfg.evaluate, run_dir.stage_dir("evaluate")
+    _test_set(settings)
     t0 = time.time()
     device = devices.pick_device(settings.device)
     teacher = load_teacher(cfg.teacher, device)

@@ -27,9 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from manifests import (
-    atomic_write_bytes,
-)
+from manifests import atomic_write_bytes, uid_for
 from manifests.artifacts import (
     CLASSIFIER,
     EMBEDDINGS,
@@ -515,14 +513,40 @@ def _quantiles(values, q) -> dict:
     return {f"q{int(100 * p)}": round(float(v), 4) for p, v in zip(q, np.quantile(np.asarray(values, float), q))}
 
 
+def read_sources(sources_file: str) -> pd.DataFrame:
+    """The diagnostics file of true sources, as (uid, source, label): a parquet or csv file with a
+    ``uid`` column (as the crawl assigns) or a ``url`` column (as in the URL list; its uid is computed
+    the crawl's way), ``source`` (a name: mnist, letters, noise…) and ``label`` (the true class index of
+    an in-distribution image, empty for the others)."""
+    path = Path(sources_file)
+    what = f"filter.diagnostics_sources {path}"
+    if not path.is_file():
+        raise UserError(f"{what} not found (the demo's is built by `make demo-data`)")
+    try:
+        df = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except Exception as e:  # the user's file: name it, whatever pandas or pyarrow says
+        raise UserError(f"{what}: cannot be read as {'csv' if path.suffix.lower() == '.csv' else 'parquet'} "
+                        f"({e})") from e
+    key = "uid" if "uid" in df.columns else "url" if "url" in df.columns else None
+    missing = [c for c in ("source", "label") if c not in df.columns] + ([] if key else ["uid or url"])
+    if missing:
+        raise UserError(f"{what} lacks column(s) {', '.join(missing)} (it has {', '.join(map(str, df.columns))}): "
+                        "see docs/reliability.md, 'The diagnostics file'")
+    if not pd.api.types.is_numeric_dtype(df["label"]):
+        raise UserError(f"{what}: column label must hold class indices (empty for out-of-distribution images)")
+    uid = df["uid"].astype(str) if key == "uid" else df["url"].astype(str).str.strip().map(uid_for)
+    return pd.DataFrame({"uid": uid, "source": df["source"].astype("string"), "label": df["label"]})
+
+
+def preflight(cfg) -> None:
+    if cfg.filter.diagnostics_sources:
+        read_sources(cfg.filter.diagnostics_sources)
+
+
 def against_sources(selection: pd.DataFrame, sources_file: str, class_names: list[str]) -> dict:
     """Precision and class coverage of the kept set against the demo's true sources (diagnostics only:
     the selection is already made). A sample is in-distribution when its true class is known."""
-    path = Path(sources_file)
-    if not path.is_file():
-        raise UserError(f"filter.diagnostics_sources {path} not found (the demo's is built by `make demo-data`)")
-    truth = selection[["uid", "keep"]].merge(pd.read_parquet(path, columns=["uid", "source", "label"]), on="uid",
-                                             how="left")
+    truth = selection[["uid", "keep"]].merge(read_sources(sources_file).drop_duplicates("uid"), on="uid", how="left")
     in_dist = truth["label"].notna()
     kept = truth[truth["keep"]]
     coverage = {}

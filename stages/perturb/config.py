@@ -9,8 +9,8 @@ from pipeline.config import opt
 class PerturbConfig:
     """The perturb stage: MixDistribution versions of every selected image (KD³ §3.4, reconstructed)."""
 
-    variants: int = opt(1, "perturbed versions written per selected image; 0: the shards hold the originals only")
-    alpha: float = opt(0.3, "λ ~ Beta(alpha, alpha) weighs the image's own channel statistics against its partner's")
+    variants: int = opt(1, "perturbed versions written per selected image; 0: the shards hold the originals only", valid=">= 0")
+    alpha: float = opt(0.3, "λ ~ Beta(alpha, alpha) weighs the image's own channel statistics against its partner's", valid="> 0")
     partner: str = opt("across", "where each image's partner comes from: another pseudo-class (across) or the same "
                        "one (within)", choices=("across", "within", "any"))
     encode_format: str = opt("png", "format of the perturbed images (png is lossless)", choices=("png", "jpg", "webp"))

@@ -34,17 +34,25 @@ import pandas as pd
 import torch
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from manifests import (
     PERTURBATION,
     atomic_write_bytes,
 )
-from manifests.artifacts import CRAWL_FOLDER, PERTURB_COUNTS, PERTURB_SUMMARY, PERTURBATION_MANIFEST, SELECTION_MANIFEST
+from manifests.artifacts import (
+    CRAWL_FOLDER,
+    CRAWL_INVENTORY,
+    PERTURB_COUNTS,
+    PERTURB_INVENTORY,
+    PERTURB_SUMMARY,
+    PERTURBATION_MANIFEST,
+    SELECTION_MANIFEST,
+)
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from stages.common.images import image_key
 from stages.common.mixing import channel_stats, mix_distribution
+from stages.common.progress import progress
 from stages.perturb.config import PerturbConfig
 
 log = logging.getLogger("webdistill.perturb")
@@ -164,7 +172,7 @@ def _stats(kept: pd.DataFrame, crawl_dir: Path, out: Path, workers: int) -> tupl
     groups = list(kept.groupby("shard", sort=True))
     with ProcessPoolExecutor(workers) as pool:
         futures = {shard: pool.submit(shard_stats, crawl_dir / shard, g["key"].tolist()) for shard, g in groups}
-        for shard, future in tqdm(futures.items(), desc="perturb: statistics", unit="shard"):
+        for shard, future in progress(futures.items(), desc="perturb: statistics", unit="shard"):
             found.update({(shard, k): v for k, v in future.result().items()})
     missing = [(s, k) for s, k in zip(kept["shard"], kept["key"]) if (s, k) not in found]
     if missing:
@@ -197,10 +205,9 @@ def plan(kept: pd.DataFrame, mean: np.ndarray, std: np.ndarray, settings: Pertur
 def run(cfg, run_dir: RunDir) -> dict:
     # the selection's `shard` column is relative to the crawl folder (shards/NNNNN.tar)
     settings, crawl_dir, out = cfg.perturb, run_dir.path(CRAWL_FOLDER), run_dir.stage_dir("perturb")
-    if settings.variants < 0 or settings.alpha <= 0:
-        raise UserError("perturb.variants must be ≥ 0 and perturb.alpha > 0")
     t0 = time.time()
     kept = _kept(run_dir)
+    run_dir.verified(CRAWL_INVENTORY, sorted(kept["shard"].unique()))  # each one as the crawl wrote it
     workers = max(1, min(os.cpu_count() or 1, kept["shard"].nunique()))
     mean, std = _stats(kept, crawl_dir, out, workers) if settings.variants else (None, None)
     stats_s = time.time() - t0
@@ -215,10 +222,11 @@ def run(cfg, run_dir: RunDir) -> dict:
     with ProcessPoolExecutor(workers) as pool:
         futures = [pool.submit(write_shard, crawl_dir / shard, out / g["out"].iloc[0], g, settings.encode_format)
                    for shard, g in todo]
-        for (shard, g), future in tqdm(list(zip(todo, futures)), desc="perturb: writing shards", unit="shard"):
+        for (shard, g), future in progress(list(zip(todo, futures)), desc="perturb: writing shards", unit="shard"):
             if (written := future.result()) != g["key"].nunique():
                 raise UserError(f"perturb: crawl shard {shard} holds {written} of its {g['key'].nunique()} kept "
                                 "images; re-run crawl, score and filter with --force")
+    run_dir.write_inventory(PERTURB_INVENTORY, jobs["out"].unique())
     run_dir.write(PERTURB_COUNTS, jobs.groupby("out")["key"].nunique().to_dict())
 
     manifest = jobs.rename(columns={"shard": "crawl_shard", "out": "shard"})

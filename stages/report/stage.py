@@ -25,6 +25,7 @@ from manifests.artifacts import (
     CONFUSION,
     DISTILL_SUMMARY,
     FILTER_PLOTS,
+    FILTER_SUMMARY,
     FILTER_SUMMARY_TEXT,
     HEADLINE,
     HISTORY,
@@ -48,7 +49,14 @@ STAGE_ORDER = [name for name in STAGE_NAMES if name != "report"]
 CSS = """body{font-family:system-ui,sans-serif;max-width:1050px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
-pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}h1{border-bottom:2px solid #333}"""
+pre{background:#f7f7f7;padding:.8em;white-space:pre-wrap;overflow-wrap:anywhere;font-size:.85em}
+h1{border-bottom:2px solid #333}.warn{background:#fff4e5;border-left:4px solid #e69500;padding:.4em .8em}
+table{display:block;overflow-x:auto;max-width:100%}"""
+
+# a pool where one pseudo-class holds more than this share, or a class that keeps fewer images than
+# FEW_KEPT, is worth a warning: the student will learn that class badly
+DOMINANT_SHARE = 0.5
+FEW_KEPT = 10
 
 
 def _optional(run_dir: RunDir, artifact):
@@ -140,14 +148,45 @@ def headline_text(h: dict) -> str:
             f"{_pct(h['student_macro_recall'])}, ECE {h['student_ece']:.3f}, on {h['test_images']:,} test images")
 
 
+def _reasons(counts: dict | None) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in (counts or {}).items())
+
+
 def _stage_rows(run_dir: RunDir) -> pd.DataFrame:
+    """One row per stage: its counts, and what it failed on or dropped (by reason)."""
     rows = []
+    filter_summary = _optional(run_dir, FILTER_SUMMARY) or {}
     for name in STAGE_ORDER:
         record = run_dir.record(name) or {}
         counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in record.get("counts", {}).items())
+        failed = (record.get("details") or {}).get("failures_by_reason")
+        if name == "filter":
+            failed = filter_summary.get("dropped_by_reason")
         rows.append({"stage": name, "seconds": record.get("duration_s"), "counts": counts or "not run",
-                     "finished": record.get("finished_at", "")})
+                     "failed or dropped, by reason": _reasons(failed) or "–", "finished": record.get("finished_at", "")})
     return pd.DataFrame(rows)
+
+
+def warnings_of(filter_summary: dict | None) -> list[str]:
+    """What in the filter's result makes a poor student likely: a pool one pseudo-class dominates,
+    classes that keep (almost) no image."""
+    if not filter_summary:
+        return []
+    histogram = filter_summary.get("pseudo_class_histogram", {})
+    before, after = histogram.get("before", {}), histogram.get("after", {})
+    found = []
+    pool = sum(before.values())
+    if pool:
+        name, n = max(before.items(), key=lambda item: item[1])
+        if n / pool > DOMINANT_SHARE:
+            found.append(f"the teacher calls {100 * n / pool:.0f}% of the scored pool {name!r}: the web pool is far "
+                         "from the private data, or holds mostly one kind of image")
+    few = {name: after.get(name, 0) for name in before if after.get(name, 0) < FEW_KEPT}
+    if few:
+        kept = ", ".join(f"{name}: {n}" for name, n in few.items())
+        found.append(f"{len(few)} class(es) keep fewer than {FEW_KEPT} images ({kept}): the student will "
+                     "hardly learn them; crawl more images of them, or relax the filter")
+    return found
 
 
 def build(cfg, run_dir: RunDir, out: Path) -> str:
@@ -159,6 +198,12 @@ def build(cfg, run_dir: RunDir, out: Path) -> str:
     md = [f"# webdistill report — {cfg.run_dir}", "", f"**{headline_text(h)}**", "",
           "Accuracies are on the labelled test set of `evaluate.test_set`; the student never saw it.", ""]
 
+    warnings = warnings_of(_optional(run_dir, FILTER_SUMMARY))
+    for warning in warnings:
+        log.warning("report: %s", warning)
+    if warnings:
+        md += ['<div class="warn" markdown="1">', "", "**Warnings**", "", *[f"- {w}" for w in warnings], "",
+               "</div>", ""]
     md += ["## Stages", "", _table(_stage_rows(run_dir)), ""]
 
     if run_dir.path(FILTER_SUMMARY_TEXT).is_file():

@@ -37,7 +37,6 @@ import pandas as pd
 import torch
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from manifests import (
     SCORE,
@@ -47,12 +46,13 @@ from manifests import (
     expand_shards,
     write_manifest,
 )
-from manifests.artifacts import CRAWL_MANIFEST, CRAWL_SHARDS, SCORE_SUMMARY, TEACHER_INFO
+from manifests.artifacts import CRAWL_INVENTORY, CRAWL_MANIFEST, CRAWL_SHARDS, SCORE_SUMMARY, TEACHER_INFO
 from pipeline import devices
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from stages.common.images import image_key, is_image_member
-from stages.common.teacher import Embedder, Teacher, load_embedder, load_teacher
+from stages.common.progress import progress
+from stages.common.teacher import Embedder, Teacher, check_teacher, load_embedder, load_teacher
 from stages.score.config import ScoreConfig
 
 log = logging.getLogger("webdistill.score")
@@ -219,7 +219,7 @@ def score_shards(shards: list[Path], expected: dict[str, dict[str, str]], scorer
                          pin_memory=scorer.device.type == "cuda")
     total = sum(len(r.expected) for r in results.values())
     images = 0
-    with tqdm(total=total, desc="score", unit="img", disable=not show_progress, smoothing=0.1) as bar:
+    with progress(total=total, desc="score", unit="img", disable=not show_progress, smoothing=0.1) as bar:
         for batch in loader:
             ok = [i for i, e in enumerate(batch["error"]) if e is None]
             arrays = scorer([x[ok] for x in batch["inputs"]]) if ok else {}
@@ -346,6 +346,17 @@ def _log_summary(s: dict, device: torch.device) -> None:
              s["images_per_s"], device, histogram, s["mean_confidence"])
 
 
+def preflight(cfg) -> None:
+    """The teacher loads and runs (features included), the embedder's checkpoint and the reference
+    shards exist: checked before the crawl starts."""
+    check_teacher(cfg.teacher)
+    checkpoint = cfg.score.embedder_checkpoint
+    if cfg.score.embedder_model and checkpoint not in (None, "random") and not Path(checkpoint).is_file():
+        raise UserError(f"score.embedder_checkpoint {checkpoint} not found (no downloads here: give a local "
+                        f"open_clip checkpoint of {cfg.score.embedder_model})")
+    expand_shards(cfg.score.reference_shards, "score.reference_shards")
+
+
 def run(cfg, run_dir: RunDir) -> dict:
     out = run_dir.stage_dir("score")
     crawl = run_dir.read(CRAWL_MANIFEST, columns=["uid", "status", "shard", "key"])
@@ -353,9 +364,6 @@ def run(cfg, run_dir: RunDir) -> dict:
     if not expected:
         raise UserError(f"score: the crawl manifest {run_dir.path(CRAWL_MANIFEST)} lists no downloaded image")
     shards, shard_dir = sorted(expected), run_dir.path(CRAWL_SHARDS)
-    for shard in shards:
-        if not (shard_dir / shard).is_file():
-            raise UserError(f"score: crawl shard {shard_dir / shard} is missing: re-run the crawl with --force")
 
     t0 = time.time()
     device = devices.pick_device(cfg.score.device)
@@ -371,6 +379,7 @@ def run(cfg, run_dir: RunDir) -> dict:
     mine = shards[devices.rank()::devices.world_size()]
     parts = out / "parts"
     todo = [s for s in mine if not _part_paths(parts, s)[0].is_file()]
+    run_dir.verified(CRAWL_INVENTORY, [f"{CRAWL_SHARDS.path}/{s}" for s in todo])  # each one as the crawl wrote it
     if len(todo) < len(mine):
         log.info("score: %d of %d shard(s) already scored by an interrupted run, resuming", len(mine) - len(todo),
                  len(mine))

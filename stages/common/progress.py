@@ -1,0 +1,38 @@
+"""Progress bars a log file can hold: tqdm on a terminal, elsewhere a plain log line every few seconds.
+
+A tqdm bar written to a file is a stream of carriage returns (runs logged 0.1–1 MB of them). When
+stderr is not a terminal, ``progress`` gives the same tqdm object (same arguments, ``update``,
+``set_postfix``) whose output is instead one ``logging`` line at most every ``LOG_EVERY`` seconds,
+and one when it closes.
+"""
+
+import io
+import logging
+import sys
+
+from tqdm import tqdm
+
+LOG_EVERY = 15.0  # seconds between two progress lines in a log
+log = logging.getLogger("webdistill.progress")
+
+
+class LoggedProgress(tqdm):
+    """tqdm that reports through ``logging`` instead of redrawing a bar."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.update(file=io.StringIO(), mininterval=max(kwargs.get("mininterval", 0), LOG_EVERY), ascii=True,
+                      bar_format="{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, "
+                                 "{rate_fmt}{postfix}]")
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if self.n and msg != "":  # not the empty bar at the start, nor the erasing of a bar that does not stay
+            log.info("%s", self.__str__())
+        return True
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """``tqdm(iterable, **kwargs)`` on a terminal; a ``LoggedProgress`` otherwise."""
+    if kwargs.get("disable"):
+        return tqdm(iterable, **kwargs)
+    return tqdm(iterable, **kwargs) if sys.stderr.isatty() else LoggedProgress(iterable, **kwargs)
