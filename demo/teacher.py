@@ -26,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from demo.world import demo_paths
 from manifests import atomic_write_bytes, atomic_write_json
 from pipeline.errors import UserError
+from pipeline.rundir import shown
 from stages.common.config import TeacherConfig
 from stages.common.models import create_model
 from stages.common.progress import progress
@@ -116,7 +117,7 @@ def build_demo_teacher(cfg, force: bool = False) -> dict:
         record = json.loads(record_file.read_text())
         if record.get("settings") == settings:
             log.info("✓ demo teacher: up to date, skipped — top-1 %.2f%% on the private test split (%s)",
-                     100 * record["test_accuracy"], out)
+                     100 * record["test_accuracy"], shown(out))
             return record
     record_file.unlink(missing_ok=True)
     log.info("▶ demo teacher: training %s on the private train split for %d epochs",
@@ -146,5 +147,5 @@ def build_demo_teacher(cfg, force: bool = False) -> dict:
                         "(demo.teacher_epochs) or try another demo.teacher_arch")
     atomic_write_json(record_file, record)
     log.info("✓ demo teacher: top-1 %.2f%% on the %d private test images, %.0fs → %s", 100 * accuracy,
-             len(test_labels), record["duration_s"], out / "spec.yaml")
+             len(test_labels), record["duration_s"], shown(out / "spec.yaml"))
     return record

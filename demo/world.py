@@ -27,6 +27,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from manifests import atomic_write_json, uid_for
+from pipeline.rundir import shown
 from stages.common.progress import progress
 
 log = logging.getLogger("webdistill.demo")
@@ -263,7 +264,7 @@ def build_demo(cfg, force: bool = False) -> Path:
                 "seed": cfg.demo.seed, "port": cfg.data.serve_port, "version": 2}
     done = root / "_SUCCESS.json"
     if not force and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
-        log.info("✓ demo data: already built in %s (use --force to rebuild)", root)
+        log.info("✓ demo data: already built in %s (use --force to rebuild)", shown(root))
         return root
     # build beside the target and swap it in at the end: a killed build leaves no half demo
     tmp = root.with_name(root.name + ".partial")
@@ -280,6 +281,6 @@ def build_demo(cfg, force: bool = False) -> Path:
                                               "planted": table["planted"].value_counts().to_dict()})
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    log.info("✓ demo data: %s (private train %d / test %d; %s URLs, %d broken)", root, private["train"],
+    log.info("✓ demo data: %s (private train %d / test %d; %s URLs, %d broken)", shown(root), private["train"],
              private["test"], f"{len(table):,}", table["planted"].notna().sum())
     return root

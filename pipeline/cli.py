@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -81,16 +80,11 @@ def _echo_report(run) -> None:
     """The report's path and headline, once the report stage has run."""
     from manifests.artifacts import HEADLINE, REPORT_HTML, REPORT_MD
     from pipeline import devices
+    from pipeline.rundir import shown
 
     if devices.is_main() and run.record("report") and run.valid(HEADLINE):
-        click.echo(f"\nreport: {_shown(run.path(REPORT_HTML))} (markdown: {_shown(run.path(REPORT_MD))})\n"
+        click.echo(f"\nreport: {shown(run.path(REPORT_HTML))} (markdown: {shown(run.path(REPORT_MD))})\n"
                    f"{run.read(HEADLINE)['text']}")
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working directory when it is below it."""
-    relative = os.path.relpath(path)
-    return str(path) if relative.startswith("..") else relative
 
 
 def _stage_command(spec):

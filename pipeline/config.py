@@ -30,7 +30,7 @@ RANGES = {
     "(0, 1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "port": (lambda v: 0 <= v <= 65535, "a port number (0–65535)"),
+    "port": (lambda v: 0 <= v <= 65535, "in 0–65535"),
     "share or count": (lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
                        "a share in (0, 1] or a whole count above 1"),
     "[min, max] > 0": (lambda v: len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and 0 < v[0] <= v[1],

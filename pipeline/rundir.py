@@ -128,6 +128,13 @@ class RunDir:
         return RunLock(self.root / ".lock")
 
 
+def shown(path: str | Path) -> str:
+    """A path as the user would type it: relative to the working directory when it is below it (paths
+    in the config are absolute since it loads)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
 def _remove(path: Path) -> None:
     """Remove a folder, or only the link when it is one (the benchmark links stages it shares)."""
     if path.is_symlink():

@@ -20,7 +20,7 @@ from manifests import atomic_write_bytes
 from pipeline import __version__, devices
 from pipeline.config import dump_yaml, fingerprint
 from pipeline.errors import UserError
-from pipeline.rundir import RunDir
+from pipeline.rundir import PARTIAL, RunDir, shown
 
 log = logging.getLogger("webdistill")
 
@@ -143,11 +143,13 @@ def _counts_line(record: dict | None) -> str:
 
 
 def format_status(cfg, run: RunDir, specs: list[StageSpec]) -> str:
-    lines = [f"run directory {run.root}"]
+    lines = [f"run directory {shown(run.root)}"]
     for state in stage_states(cfg, run, specs).values():
         detail = _counts_line(state.record) if state.status == "done" else state.why
         if state.status == "stale":
             detail = f"{state.why}; last run: {_counts_line(state.record)}"
+        if state.record and run.has_partial(state.name):
+            detail += f" [an interrupted re-run waits in {state.name}{PARTIAL}/]"
         lines.append(f"  {state.name:<9} {state.status:<10} {detail}")
     return "\n".join(lines)
 

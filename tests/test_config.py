@@ -68,7 +68,8 @@ def test_overrides_and_fingerprints():
 
 def test_commented_defaults_is_the_loadable_default_config(tmp_path):
     text = commented_defaults()
-    assert "# seconds before a download gives up" in text
+    assert "# seconds a download may take, wall clock" in text
+    assert "(must be > 0)" in text  # each range is documented
     assert load_config(write(tmp_path, text)) == load_config(None)
     assert yaml.safe_load(text)["crawl"]["processes_count"] == Config().crawl.processes_count
 

@@ -34,7 +34,7 @@ from pipeline.cli import cli
 from pipeline.config import dump_yaml, load_config
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
-from pipeline.runner import run_stages
+from pipeline.runner import format_status, run_stages
 from stages import STAGES
 from tests.conftest import REPO, config, fresh, web_config
 from tests.fake_stages import SPECS
@@ -101,6 +101,8 @@ def test_a_failing_rerun_builds_beside_the_finished_stage_and_keeps_it(tmp_path)
         run_stages(dying, SPECS, force=True)
     assert snapshot(tmp_path / "run" / "first") == before
     assert (tmp_path / "run" / "first.partial" / "partial.txt").is_file()  # the new attempt, beside it
+    status = format_status(dying, RunDir(dying.run_dir), SPECS)
+    assert "first     stale" in status and "an interrupted re-run waits in first.partial/" in status
     run_stages(load_config(None, [f"run_dir={tmp_path / 'run'}", "crawl.timeout=5"]), SPECS)  # completes: replaces
     assert (tmp_path / "run" / "first" / "out.txt").read_text() == "5"
     assert not (tmp_path / "run" / "first.partial").exists()

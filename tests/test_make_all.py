@@ -41,7 +41,8 @@ def test_make_all_runs_every_stage_and_ends_with_the_report(checkout):
     assert "pip install" not in first.stdout  # the stamp file skipped the set-up
     log = first.stdout + first.stderr
     assert "✓ demo data: demo_data (private train 4000 / test 1000; 10,200 URLs, 200 broken)" in log
-    assert "crawl: 10,200 attempted, 10,000 succeeded, 200 failed" in log
+    assert "crawl: 10,200 rows listed, 0 dropped before the crawl (empty or duplicate URLs); 10,200 attempted, " \
+           "10,000 succeeded, 200 failed" in log
     teacher = json.loads((checkout / "demo_data" / "teacher" / "_SUCCESS.json").read_text())
     assert teacher["test_accuracy"] >= 0.985 and teacher["test_images"] == 1000
     assert f"✓ demo teacher: top-1 {100 * teacher['test_accuracy']:.2f}% on the 1000 private test images" in log

@@ -32,7 +32,8 @@ class CrawlConfig:
     processes_count: int = opt(2, "download processes (use the number of cores)", valid="> 0")
     thread_count: int = opt(32, "download threads per process", valid="> 0")
     number_sample_per_shard: int = opt(1000, "URLs per WebDataset shard (the unit of resume)", valid="> 0")
-    timeout: int = opt(10, "seconds before a download gives up", valid="> 0")
+    timeout: int = opt(10, "seconds a download may take, wall clock (connecting, headers and body: a server "
+                       "that drips bytes is cut)", valid="> 0")
     retries: int = opt(0, "extra attempts for a failed download", valid=">= 0")
     encode_format: str = opt("jpg", "format images are re-encoded to", choices=("jpg", "png", "webp"))
     encode_quality: int = opt(95, "JPEG/WebP quality, or PNG compression", valid=">= 0")

@@ -271,6 +271,5 @@ def run(cfg, run_dir: RunDir) -> dict:
     run_dir.write(REPORT_HTML, to_html(text, out, f"webdistill report — {cfg.run_dir}").encode())
     h = headline(run_dir)
     run_dir.write(HEADLINE, {**h, "text": headline_text(h)})  # `webdistill run` prints the text last
-    log.info("report: %s", run_dir.path(REPORT_HTML))
     return {"student_top1": round(h["student_top1"], 4), "teacher_top1": round(h["teacher_top1"], 4),
             "timings": {"total_s": round(time.time() - t0, 2)}}
