@@ -46,16 +46,27 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != ".lock"}  # the lock file is no output: it is empty when released
 
 
-def cli_run(*args, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd, capture_output=True,
+def cli_run(*args, cwd=None):
+    """``webdistill ARGS`` in this process (as click runs it: exit status, stdout, stderr), from ``cwd``."""
+    here = os.getcwd()
+    os.chdir(cwd or REPO)
+    try:
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(here)
+
+
+def cli_process(*args) -> subprocess.CompletedProcess:
+    """``webdistill ARGS`` as its own process: what a user's shell sees, tracebacks included."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def one_error_line(proc_or_result) -> str:
+def one_error_line(result) -> str:
     """The error of a CLI call that must fail as a user error: exit 2, one `error:` line, no traceback."""
-    code = getattr(proc_or_result, "returncode", getattr(proc_or_result, "exit_code", None))
-    err = proc_or_result.stderr
-    assert code == 2, err
+    code = getattr(result, "returncode", getattr(result, "exit_code", None))
+    err = result.stderr
+    assert code == 2, (err, getattr(result, "exception", None))
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("error: "), err
@@ -208,7 +219,7 @@ BAD_FILES = {
 def test_a_bad_config_file_is_one_error_line_without_traceback(name, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_bytes(BAD_FILES[name])
-    assert str(path) in one_error_line(cli_run("run", path))
+    assert str(path) in one_error_line(cli_process("run", path))
 
 
 def test_a_run_dir_that_is_a_file_is_one_error_line(tmp_path):
@@ -388,7 +399,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_status_needs_no_lock(f
     with run.lock():
         line = one_error_line(cli_run("run", finished["config"]))
         assert f"pid {os.getpid()}" in line and "in use by another webdistill run" in line
-        assert cli_run("status", finished["config"]).returncode == 0
+        assert cli_run("status", finished["config"]).exit_code == 0
     assert snapshot(finished["run"]) == finished["before"]
 
 
@@ -415,9 +426,9 @@ def test_a_copied_run_directory_acts_on_itself_and_opens_from_anywhere(finished,
     status = cli_run("status", copy, cwd=elsewhere)
     assert f"run directory {copy}" in status.stdout
     assert "crawl     done" in status.stdout and "perturb   done" in status.stdout, status.stdout
-    assert cli_run("run", copy, "--only", "crawl", "--force", cwd=elsewhere).returncode == 0
+    assert cli_run("run", copy, "--only", "filter", "--force", cwd=elsewhere).exit_code == 0
     assert snapshot(finished["run"]) == original
-    assert RunDir(copy).record("crawl")["run_id"] != RunDir(finished["run"]).record("crawl")["run_id"]
+    assert RunDir(copy).record("filter")["run_id"] != RunDir(finished["run"]).record("filter")["run_id"]
 
 
 def test_relative_paths_are_made_absolute_as_the_config_loads(tmp_path, monkeypatch):
