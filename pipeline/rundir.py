@@ -83,14 +83,13 @@ class RunDir:
     def begin(self, name: str, started: dict, resume: bool) -> tuple[Path, bool]:
         """Open the partial folder of a stage's run; return it and whether earlier partial work is
         kept (only when ``resume`` and it was started from the same inputs). The finished folder is
-        not touched: ``finish`` replaces it."""
+        not touched: ``finish`` replaces it. The stage writes there once ``building`` is called."""
         folder = self.partial_dir(name)
         resumed = resume and self._read(folder / STARTED) == started
         if not resumed and folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / STARTED, started)
-        self.building(name)
         return folder, resumed
 
     def building(self, name: str) -> None:

@@ -210,6 +210,9 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("epoch_*.pt"))
 
 
+_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "theta_optimizer", "scheduler", "scaler", "history"}
+
+
 def save_checkpoint(folder: Path, epoch: int, trainer: Trainer, scheduler, history: list, keep: int) -> None:
     state = {"epoch": epoch, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
              "theta_optimizer": trainer.theta_optimizer.state_dict() if trainer.theta_optimizer else None,
@@ -228,6 +231,9 @@ def resume(folder: Path, trainer: Trainer, scheduler) -> tuple[int, list]:
     for path in reversed(_checkpoints(folder)):
         try:
             state = torch.load(path, map_location=trainer.device, weights_only=True)
+            lacking = _CHECKPOINT_KEYS - set(state)  # checked before anything is loaded from it
+            if lacking:
+                raise KeyError(f"lacks {sorted(lacking)}")
             trainer.model.load_state_dict(state["model"])
             trainer.optimizer.load_state_dict(state["optimizer"])
             if trainer.theta_optimizer and state["theta_optimizer"]:
