@@ -175,6 +175,8 @@ LOGITS = Artifact("score", "logits.npy", "array", "teacher logits", rows_of=SCOR
 FEATURES = Artifact("score", "features.npy", "array", "teacher features", rows_of=SCORE_MANIFEST)
 EMBEDDINGS = Artifact("score", "embeddings.npy", "array", "open_clip embeddings", rows_of=SCORE_MANIFEST,
                       optional=True)
+BN_DISTANCE = Artifact("score", "bn_distance.npy", "array", "distance of each image's statistics from every "
+                      "BatchNorm layer's running ones (teachers with BatchNorm)", rows_of=SCORE_MANIFEST, optional=True)
 TEACHER_INFO = Artifact("score", "teacher.json", "json", "teacher description", keys=("class_names",))
 # what the teacher (and embedder) know of the private distribution: the filter's references
 CLASSIFIER = Artifact("score", "classifier.npz", "file", "teacher classifier (weight, bias)", optional=True)

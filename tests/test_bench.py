@@ -111,3 +111,16 @@ def test_ablation_table_reads_each_change_from_its_method_and_skips_what_did_not
     assert table.loc["pool_kd", "delta_in_pooled_std"] == pytest.approx((0.53 - 0.91) / pooled)
     assert table.loc["webdistill", "delta_vs_webdistill"] == 0
     assert ablation_table(summarize(runs[runs["method"] != "webdistill"])).empty
+
+
+def test_filter_scores_are_compared_against_the_true_sources(upstream, small_web, tmp_path):
+    from bench.bench_filter_scores import compare
+    from pipeline.rundir import RunDir
+
+    sources = tmp_path / "sources.parquet"
+    small_web["sources"][["url", "source", "label"]].to_parquet(sources)
+    table = compare(RunDir(upstream), str(sources), 0.3, "small web").set_index("score")
+    assert set(table.index) == {"bn_layers", "bn_stats", "confidence"}
+    assert table["top"].eq(round(0.3 * table["pool"].iloc[0])).all()
+    assert table.loc["bn_layers", "auroc"] > 0.7 and table.loc["bn_layers", "precision_top"] > \
+        table.loc["bn_layers", "in_domain_share"]  # better than the pool's own share

@@ -482,9 +482,14 @@ def test_progress_off_a_terminal_is_log_lines_without_carriage_returns(caplog):
     with caplog.at_level(logging.INFO, logger="webdistill.progress"):
         for _ in LoggedProgress(range(1000), desc="score", unit="img"):
             pass
+        with LoggedProgress(total=10, desc="demo teacher") as bar:
+            for _ in range(10):
+                bar.update()
+                bar.set_postfix(loss=0.1)  # tqdm redraws on each: the log must not
     assert "\r" not in caplog.text
-    assert caplog.records[-1].getMessage().startswith("score: 1000/1000 (100%)")
-    assert len(caplog.records) <= 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("score: 1000/1000 (100%)") and messages[-1].startswith("demo teacher: 10/10")
+    assert len(messages) <= 4, messages
 
 
 def test_written_files_follow_the_umask(tmp_path):

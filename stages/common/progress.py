@@ -9,6 +9,7 @@ and one when it closes.
 import io
 import logging
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -23,12 +24,20 @@ class LoggedProgress(tqdm):
         kwargs.update(file=io.StringIO(), mininterval=max(kwargs.get("mininterval", 0), LOG_EVERY), ascii=True,
                       bar_format="{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, "
                                  "{rate_fmt}{postfix}]")
+        self._last_logged, self._closing = time.monotonic(), False
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
-        if self.n and msg != "":  # not the empty bar at the start, nor the erasing of a bar that does not stay
+        # tqdm also redraws on set_postfix and refresh: the clock decides here, except for the last line
+        due = self._closing or time.monotonic() - self._last_logged >= LOG_EVERY
+        if self.n and msg != "" and due:  # not the empty bar at the start, nor the erasing of a bar
             log.info("%s", self.__str__())
+            self._last_logged = time.monotonic()
         return True
+
+    def close(self):
+        self._closing = True
+        super().close()
 
 
 def progress(iterable=None, **kwargs) -> tqdm:

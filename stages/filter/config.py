@@ -11,10 +11,12 @@ class FilterConfig:
 
     reference: str = opt(
         "bn_stats", "what stands for the private distribution: bn_stats (feature mean/std the teacher's BatchNorm "
-        "remembers; class-agnostic), prototypes (the teacher's classifier weights, one per class), centroids "
+        "remembers; class-agnostic), bn_layers (distance of each image's channel statistics from every BatchNorm "
+        "layer's running ones: DeepInversion's loss as a score; class-agnostic), prototypes (the teacher's "
+        "classifier weights, one per class), centroids "
         "(faiss k-means of confidently scored samples, centroids_per_class per class), reference_set (images "
         "given in score.reference_shards), clip_text (open_clip embeddings of the class prompts)",
-        choices=("bn_stats", "prototypes", "centroids", "reference_set", "clip_text"))
+        choices=("bn_stats", "bn_layers", "prototypes", "centroids", "reference_set", "clip_text"))
     vectors: str = opt("features", "what is matched: the teacher's penultimate features, or the open_clip "
                        "embeddings of score.embedder_model (clip_text needs these; bn_stats and prototypes need "
                        "features)", choices=("features", "embeddings"))

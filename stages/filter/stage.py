@@ -29,6 +29,7 @@ import pandas as pd
 
 from manifests import atomic_write_bytes, uid_for
 from manifests.artifacts import (
+    BN_DISTANCE,
     CLASSIFIER,
     EMBEDDINGS,
     FEATURE_PRIOR,
@@ -133,8 +134,9 @@ def match(settings: FilterConfig, vectors: np.ndarray, manifest: pd.DataFrame, n
           refs: "References") -> Match:
     """The configured reference, matched against every sample's vector."""
     kind = settings.reference
-    if kind == "bn_stats":
-        result = match_bn_stats(vectors, refs.need("feature_prior"))
+    if kind in ("bn_stats", "bn_layers"):
+        result = match_bn_stats(vectors, refs.need("feature_prior")) if kind == "bn_stats" \
+            else Match(-refs.need("bn_distance"))
         if refs.classifier is not None:  # classes (agreement, ipwd) still come from the classifier
             by_class = match_prototypes(vectors, refs.classifier, np.arange(n_classes), n_classes, "ip",
                                         settings.temperature)
@@ -365,6 +367,12 @@ class References:
                                 "--force); choose another filter.reference")
             with np.load(path) as z:
                 return {"mean": z["mean"], "std": z["std"]}
+        if what == "bn_distance":
+            if not self.run.path(BN_DISTANCE).is_file():
+                raise UserError(f"filter.reference bn_layers: {self.run.path(BN_DISTANCE)} not found: the teacher has "
+                                "no BatchNorm layer webdistill can hook (or score ran before webdistill wrote it: "
+                                "re-run score with --force); choose another filter.reference")
+            return np.asarray(self.run.read(BN_DISTANCE), dtype=np.float32)
         if what == "classifier":
             if self.vectors != "features":
                 raise UserError("filter.reference prototypes are the teacher's classifier weights, in the space of "

@@ -17,6 +17,9 @@ class ScoreConfig:
     top_k: int = opt(5, "classes kept per sample in the manifest's topk columns", valid="> 0")
     feature_dtype: str = opt("float16", "dtype of the stored features and embeddings (logits are always float32)",
                              choices=("float16", "float32"))
+    bn_distance: bool = opt(True, "also write each image's distance from every BatchNorm layer's running statistics "
+                            "(score/bn_distance.npy, the filter's bn_layers reference; teachers with BatchNorm "
+                            "only); off saves its cost, 6–9% of the demo's score throughput on 2 CPU cores")
     embedder_model: str | None = opt(None, "open_clip model (e.g. ViT-B-32) whose image embeddings are added; null: none")
     embedder_checkpoint: str | None = opt(
         None, "local open_clip checkpoint of embedder_model; 'random' for random weights (benchmarks only)", path=True)

@@ -50,6 +50,7 @@ from manifests.artifacts import CRAWL_INVENTORY, CRAWL_MANIFEST, CRAWL_SHARDS, S
 from pipeline import devices
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
+from stages.common.batchnorm import BatchNormStatistics, batchnorm_layers
 from stages.common.images import image_key, is_image_member
 from stages.common.progress import progress
 from stages.common.teacher import Embedder, Teacher, check_teacher, load_embedder, load_teacher
@@ -196,6 +197,9 @@ class Scorer:
         self.embedder_dim = embedder.dim if embedder else None
         self.transforms = [teacher.transform] + ([embedder.transform] if embedder else [])
         self.feature_dtype = np.dtype(settings.feature_dtype)
+        # every BatchNorm layer's view of each image (the filter's bn_layers reference), when it has some
+        self.batchnorm = BatchNormStatistics(teacher.model, per="image") \
+            if settings.bn_distance and batchnorm_layers(teacher.model) else None
 
     @torch.inference_mode()
     def __call__(self, inputs: list[torch.Tensor]) -> dict[str, np.ndarray]:
@@ -203,6 +207,8 @@ class Scorer:
             logits, features = self.teacher.model(inputs[0].to(self.device, non_blocking=True))
             out = {"logits": logits.float().cpu().numpy(),
                    "features": features.float().cpu().numpy().astype(self.feature_dtype)}
+            if self.batchnorm is not None:
+                out["bn_distance"] = self.batchnorm.per_image().cpu().numpy().astype(np.float32)
             if self.embedder is not None:
                 embedding = self.embedder(inputs[1].to(self.device, non_blocking=True)).float()
                 embedding = torch.nn.functional.normalize(embedding, dim=-1)
