@@ -551,7 +551,7 @@ def test_an_entry_point_that_cannot_be_found_says_where_it_looked(tmp_path, monk
 
 
 def test_the_report_warns_of_a_dominant_pseudo_class_and_classes_left_with_few_images():
-    from stages.report.stage import warnings_of
+    from stages.report.stage import class_coverage, warnings_of
 
     summary = {"pseudo_class_histogram": {"before": {"7": 630, "8": 300, "9": 70}, "after": {"7": 200, "8": 9}}}
     found = warnings_of(summary)
@@ -559,3 +559,6 @@ def test_the_report_warns_of_a_dominant_pseudo_class_and_classes_left_with_few_i
     assert any("2 class(es) keep fewer than 10 images (8: 9, 9: 0)" in w for w in found), found
     balanced = {"pseudo_class_histogram": {"before": {"a": 50, "b": 50}, "after": {"a": 20, "b": 20}}}
     assert warnings_of(balanced) == []
+    coverage = class_coverage(summary).set_index("class")
+    assert coverage.loc["7", "pool share"] == "63.0%" and coverage.loc["9", "kept"] == 0
+    assert coverage[""].tolist() == ["", "⚠ few", "⚠ few"]

@@ -44,6 +44,7 @@ def test_end_to_end_student_beats_chance_and_report_is_self_contained(reported):
     assert (run_dir / "report" / "plots" / "training.png").is_file()
     # the stage table says what failed, by reason (the small web plants 404s, refusals, broken images)
     assert "failed or dropped, by reason" in md and "http_404 6" in md
+    assert "Class coverage" in md and "| pool share" in md  # per class: the pool's share and what was kept
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")

@@ -167,6 +167,17 @@ def _stage_rows(run_dir: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def class_coverage(filter_summary: dict) -> pd.DataFrame:
+    """Per class: the pool's images the teacher gives that label (count, share) and how many the filter
+    kept, a mark where it kept fewer than FEW_KEPT."""
+    histogram = filter_summary.get("pseudo_class_histogram", {})
+    before, after = histogram.get("before", {}), histogram.get("after", {})
+    pool, kept = max(sum(before.values()), 1), max(sum(after.values()), 1)
+    return pd.DataFrame([{"class": name, "pool (pseudo-label)": n, "pool share": f"{100 * n / pool:.1f}%",
+                          "kept": after.get(name, 0), "kept share": f"{100 * after.get(name, 0) / kept:.1f}%",
+                          "": "⚠ few" if after.get(name, 0) < FEW_KEPT else ""} for name, n in before.items()])
+
+
 def warnings_of(filter_summary: dict | None) -> list[str]:
     """What in the filter's result makes a poor student likely: a pool one pseudo-class dominates,
     classes that keep (almost) no image."""
@@ -208,6 +219,10 @@ def build(cfg, run_dir: RunDir, out: Path) -> str:
 
     if run_dir.path(FILTER_SUMMARY_TEXT).is_file():
         md += ["## Filter", "", "```", run_dir.read(FILTER_SUMMARY_TEXT).read_text().strip(), "```", ""]
+        filter_summary = _optional(run_dir, FILTER_SUMMARY)
+        if filter_summary:
+            md += ["Class coverage: what the teacher calls each class in the scored pool, and what the filter "
+                   "kept of it.", "", _table(class_coverage(filter_summary)), ""]
         for name in ("classes", "similarity", "confidence", "weights"):
             source = run_dir.path(FILTER_PLOTS) / f"{name}.png"
             if source.is_file():
