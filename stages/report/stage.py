@@ -175,7 +175,7 @@ def class_coverage(filter_summary: dict) -> pd.DataFrame:
     pool, kept = max(sum(before.values()), 1), max(sum(after.values()), 1)
     return pd.DataFrame([{"class": name, "pool (pseudo-label)": n, "pool share": f"{100 * n / pool:.1f}%",
                           "kept": after.get(name, 0), "kept share": f"{100 * after.get(name, 0) / kept:.1f}%",
-                          "": "⚠ few" if after.get(name, 0) < FEW_KEPT else ""} for name, n in before.items()])
+                          "note": "⚠ few" if after.get(name, 0) < FEW_KEPT else ""} for name, n in before.items()])
 
 
 def warnings_of(filter_summary: dict | None) -> list[str]:
