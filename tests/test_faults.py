@@ -286,6 +286,12 @@ class Hostile(BaseHTTPRequestHandler):
             self.end_headers()
         elif self.path == "/huge.png":
             self._send(self.huge_png)
+        elif self.path == "/announced-huge.png":  # says 200 MB: refused before a byte of it is read
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(200 << 20))
+            self.end_headers()
+            self.wfile.write(self.small_png)
         else:
             self._send(self.small_png)
 
@@ -309,7 +315,7 @@ def hostile_crawl(tmp_path_factory):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     urls = [f"{base}/ok.png", f"{base}/redirect.png", f"{base}/drip.png", f"{base}/slow-headers.png",
-            f"{base}/to-file.png", f"{base}/huge.png", private.as_uri(), "data:image/png;base64,iVBORw0KGgo=",
+            f"{base}/to-file.png", f"{base}/huge.png", f"{base}/announced-huge.png", private.as_uri(), "data:image/png;base64,iVBORw0KGgo=",
             "ftp://127.0.0.1/x.png", "", None]
     pd.DataFrame({"url": urls}).to_parquet(root / "urls.parquet")
     cfg = load_config(None, [f"run_dir={root / 'run'}", f"data.url_list={root / 'urls.parquet'}",
@@ -355,9 +361,15 @@ def test_a_dripping_server_is_cut_at_the_timeout_in_body_and_headers(hostile_cra
     assert hostile_crawl["seconds"] < 240
 
 
-def test_a_50_megapixel_image_is_refused_by_default(hostile_crawl):
+def test_a_50_megapixel_image_is_refused_by_default_before_it_is_decoded(hostile_crawl):
     row = hostile_crawl["manifest"].loc[f"{hostile_crawl['base']}/huge.png"]
     assert (row["status"], row["reason"]) == ("failed", "filtered_size"), row["error"]
+    assert "50,400,000 pixels" in row["error"] and "not decoded" in row["error"]
+
+
+def test_a_download_announcing_more_than_the_cap_is_refused_unread(hostile_crawl):
+    row = hostile_crawl["manifest"].loc[f"{hostile_crawl['base']}/announced-huge.png"]
+    assert (row["status"], row["reason"]) == ("failed", "too_large"), row["error"]
 
 
 def test_a_folder_source_still_reads_its_own_files(tmp_path):

@@ -12,7 +12,8 @@ that the processes it is unpickled in fetch through ``fetch`` below instead of i
 ``fetch`` opens only http(s) through an opener without file, ftp or data handlers (so a redirect
 to another scheme fails too), closes the connection when the deadline passes (a watchdog timer
 shuts the socket down, which unblocks a read stuck in the headers as well as in the body), and
-stops reading past ``max_bytes``.
+stops reading past ``max_bytes`` (or refuses a larger announced Content-Length at once), and refuses an
+image whose header says it has more than ``max_image_area`` pixels before anything decodes it.
 """
 
 import importlib
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from http.client import HTTPConnection, HTTPSConnection
 from urllib.parse import urlsplit
 
+from PIL import Image
+
 # the modules, not the functions of the same names that img2dataset's __init__ exports
 i2d_downloader = importlib.import_module("img2dataset.downloader")
 i2d_main = importlib.import_module("img2dataset.main")
@@ -33,7 +36,7 @@ _USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 F
 _CHUNK = 1 << 16
 
 # the limits of this process's crawl: set where the downloader is unpickled (each img2dataset process)
-LIMITS = {"schemes": ("http", "https"), "max_bytes": 50 << 20}
+LIMITS = {"schemes": ("http", "https"), "max_bytes": 50 << 20, "max_image_area": float("inf")}
 
 
 class Deadline:
@@ -93,6 +96,19 @@ def _opener(deadline: Deadline) -> urllib.request.OpenerDirector:
     return opener
 
 
+def _image_area(body: io.BytesIO) -> int:
+    """Width × height from the image's header (PIL reads no pixels to tell); 0 when PIL cannot tell (the
+    decoder will then say what is wrong with it)."""
+    try:
+        with Image.open(body) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 — not an image PIL knows: img2dataset's decoder reports it
+        return 0
+    finally:
+        body.seek(0)
+    return width * height
+
+
 def fetch(row, timeout, user_agent_token, disallowed_header_directives):
     """img2dataset's ``download_image``, guarded: ``(key, BytesIO or None, error or None)``."""
     key, url = row
@@ -110,6 +126,9 @@ def fetch(row, timeout, user_agent_token, disallowed_header_directives):
             if disallowed_header_directives and i2d_downloader.is_disallowed(
                     response.headers, user_agent_token, disallowed_header_directives):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            advertised = response.headers.get("Content-Length", "")
+            if advertised.isdigit() and int(advertised) > LIMITS["max_bytes"]:  # refused before reading it
+                return key, None, f"too large: {int(advertised) >> 20} MB announced, more than {LIMITS['max_bytes'] >> 20} MB"
             body = io.BytesIO()
             while chunk := response.read1(_CHUNK):
                 body.write(chunk)
@@ -120,6 +139,9 @@ def fetch(row, timeout, user_agent_token, disallowed_header_directives):
             if deadline.expired:
                 raise TimeoutError
         body.seek(0)
+        area = _image_area(body)
+        if area > LIMITS["max_image_area"]:  # img2dataset would decode it first, then refuse it
+            return key, None, f"image area too large: {area:,} pixels (crawl.max_image_area), not decoded"
         return key, body, None
     except Exception as err:  # noqa: BLE001 — img2dataset's contract: the error as text, counted per reason
         if deadline.expired:
@@ -148,10 +170,10 @@ def _install(limits: dict) -> None:
 
 
 @contextmanager
-def guarded_downloads(schemes: tuple[str, ...], max_bytes: int):
+def guarded_downloads(schemes: tuple[str, ...], max_bytes: int, max_image_area: float = float("inf")):
     """``img2dataset.download()`` inside this block fetches through ``fetch``, in this process and in the
     processes it spawns."""
-    limits = {"schemes": tuple(schemes), "max_bytes": max_bytes}
+    limits = {"schemes": tuple(schemes), "max_bytes": max_bytes, "max_image_area": max_image_area}
     original = i2d_main.Downloader
 
     def make(*args, **kwargs):

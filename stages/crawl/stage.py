@@ -277,7 +277,8 @@ def run(cfg, run_dir: RunDir) -> dict:
     args = _download_args(cfg.crawl, out / "urls.parquet", shards, urls["caption"].notna().any())
     serving = serve_folder(cfg.data.serve_folder, cfg.data.serve_port) if cfg.data.serve_folder else nullcontext()
     t0 = time.time()
-    with serving, guarded_downloads(allowed_schemes(cfg), int(cfg.crawl.max_download_mb * (1 << 20))):
+    with serving, guarded_downloads(allowed_schemes(cfg), int(cfg.crawl.max_download_mb * (1 << 20)),
+                                    cfg.crawl.max_image_area or float("inf")):
         download(**args)
     seconds = time.time() - t0
 
