@@ -10,6 +10,7 @@ Arrays travel with a manifest (``rows_of``): row i of ``score/logits.npy`` belon
 rows of given uids through the manifest's uid column, and a uid it does not hold is an error.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -114,15 +115,18 @@ def rows(root: Path, a: Artifact, uids) -> np.ndarray:
 
 def digest(path: Path) -> dict:
     """Size and sha256 of a file: what an inventory records of each shard."""
-    import hashlib
-
     with open(path, "rb") as f:
         return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
+def _stage_folder(root, a: Artifact) -> Path:
+    """The folder of the stage that writes ``a`` (inventory names are relative to it)."""
+    return Artifact(a.stage, "", "folder", a.about).location(root)
+
+
 def write_inventory(root, a: Artifact, names) -> None:
     """Record size and sha256 of the stage's files ``names`` (relative to its folder) in inventory ``a``."""
-    folder = Artifact(a.stage, "", "folder", "").location(root)
+    folder = _stage_folder(root, a)
     write(root, a, {name: digest(folder / name) for name in sorted(names)})
 
 
@@ -130,7 +134,7 @@ def verified(root, a: Artifact, names) -> list[Path]:
     """The paths of the files ``names`` of inventory ``a``, each checked to be the very file the
     stage recorded (size, then sha256): a truncated or replaced shard is an error naming it and the
     stage to re-run, never a short epoch."""
-    inventory, folder = read(root, a), Artifact(a.stage, "", "folder", "").location(root)
+    inventory, folder = read(root, a), _stage_folder(root, a)
     paths = []
     for name in names:
         path, recorded = folder / name, inventory.get(name)

@@ -14,6 +14,16 @@ from stages import STAGES
 REPO = Path(__file__).resolve().parents[1]
 
 
+class Planted:
+    """What a hostile checkpoint would pickle: unpickling it runs code (here: creates ``marker``)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,6 +6,7 @@ import torch
 from pipeline.errors import UserError
 from stages.common import teacher as teacher_module
 from stages.common.student import Student, load_student, save_student
+from tests.conftest import Planted
 
 
 def small_student():
@@ -27,19 +28,9 @@ def test_a_student_file_round_trips_bit_identically(tmp_path):
         load_student(path)
 
 
-class _Planted:
-    """What a hostile file would pickle: unpickling it runs code (here: writes a marker file)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_student_file_is_data_a_planted_pickle_runs_no_code(tmp_path):
     path, marker = tmp_path / "student.pt", tmp_path / "code_ran"
-    path.write_bytes(save_student(small_student(), {"input_size": 28, "hostile": _Planted(marker)}))
+    path.write_bytes(save_student(small_student(), {"input_size": 28, "hostile": Planted(marker)}))
     with pytest.raises(UserError, match="cannot be read as weights-only torch data"):
         load_student(path)
     assert not marker.exists()

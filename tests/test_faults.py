@@ -36,7 +36,7 @@ from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from pipeline.runner import format_status, run_stages
 from stages import STAGES
-from tests.conftest import REPO, config, fresh, web_config
+from tests.conftest import REPO, Planted, config, fresh, web_config
 from tests.fake_stages import SPECS
 
 
@@ -454,14 +454,6 @@ def test_relative_paths_are_made_absolute_as_the_config_loads(tmp_path, monkeypa
 # ---------------------------------------------------------------- 8 · checkpoints are data
 
 
-class _Planted:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_resume_loads_checkpoints_as_data_and_skips_unusable_ones(tmp_path):
     from types import SimpleNamespace
 
@@ -477,7 +469,7 @@ def test_resume_loads_checkpoints_as_data_and_skips_unusable_ones(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(saved.optimizer, lambda step: 1.0)
     save_checkpoint(tmp_path, 1, saved, scheduler, [{"epoch": 1, "loss": 0.5}], keep=5)
     marker = tmp_path / "code_ran"
-    torch.save({"epoch": 2, "model": _Planted(marker)}, tmp_path / "epoch_002.pt")  # a planted pickle
+    torch.save({"epoch": 2, "model": Planted(marker)}, tmp_path / "epoch_002.pt")  # a planted pickle
     torch.save({"epoch": 3, "model": saved.model.state_dict()}, tmp_path / "epoch_003.pt")  # lacks keys
     loaded = trainer()
     epoch, history = resume(tmp_path, loaded, torch.optim.lr_scheduler.LambdaLR(loaded.optimizer, lambda s: 1.0))

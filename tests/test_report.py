@@ -49,12 +49,17 @@ def test_end_to_end_student_beats_chance_and_report_is_self_contained(reported):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_the_report_reads_in_a_browser_without_horizontal_scrolling(reported, tmp_path):
-    """Rendered as a user opens it: the page is no wider than a laptop window."""
+    """Rendered as a user opens it in a narrow (800 px) window: the page is no wider, and the filter's
+    diagnostics wrap instead of hiding behind a scroll bar (they did with overflow-x: auto)."""
     page = tmp_path / "report.html"
-    probe = "<script>document.body.dataset.width = document.documentElement.scrollWidth</script></body>"
+    probe = ("<script>document.body.dataset.width = document.documentElement.scrollWidth;"
+             "document.body.dataset.hidden = Math.max(0, ...[...document.querySelectorAll('pre')]"
+             ".map(p => p.scrollWidth - p.clientWidth))</script></body>")
     page.write_text((reported / "report" / "report.html").read_text().replace("</body>", probe))
     dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-                          "--window-size=1100,900", "--dump-dom", page.as_uri()],
+                          "--window-size=800,900", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=240).stdout
     width = int(dom.split('data-width="')[1].split('"')[0])
-    assert width <= 1100, f"the page is {width} px wide in a 1100 px window"
+    hidden = int(dom.split('data-hidden="')[1].split('"')[0])
+    assert width <= 800, f"the page is {width} px wide in an 800 px window"
+    assert hidden == 0, f"the filter's diagnostics hide {hidden} px behind a horizontal scroll bar"

@@ -42,6 +42,6 @@ class LoggedProgress(tqdm):
 
 def progress(iterable=None, **kwargs) -> tqdm:
     """``tqdm(iterable, **kwargs)`` on a terminal; a ``LoggedProgress`` otherwise."""
-    if kwargs.get("disable"):
+    if kwargs.get("disable") or sys.stderr.isatty():
         return tqdm(iterable, **kwargs)
-    return tqdm(iterable, **kwargs) if sys.stderr.isatty() else LoggedProgress(iterable, **kwargs)
+    return LoggedProgress(iterable, **kwargs)

@@ -70,13 +70,20 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) 
 
 # ---------------------------------------------------------------- the test set
 
-def test_images(spec: str, class_names: list[str]):
-    """(key, PIL image, label) of every test image: shards with .cls, or a folder per class."""
+def _test_shards(spec: str) -> list[Path] | None:
+    """The test set's WebDataset shards, or None when it is a folder per class."""
     path = Path(spec)
     if path.is_dir() and not any(path.glob("*.tar")):
-        yield from _folder_images(path, class_names)
+        return None
+    return expand_shards(str(path / "*.tar") if path.is_dir() else spec, "evaluate.test_set")
+
+
+def test_images(spec: str, class_names: list[str]):
+    """(key, PIL image, label) of every test image: shards with .cls, or a folder per class."""
+    shards = _test_shards(spec)
+    if shards is None:
+        yield from _folder_images(Path(spec), class_names)
         return
-    shards = expand_shards(str(path / "*.tar") if path.is_dir() else spec, "evaluate.test_set")
     for sample in wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False):
         ext = image_key(sample)
         if ext is None or "cls" not in sample:
@@ -156,19 +163,21 @@ def _test_set(settings) -> str:
 
 def test_labels(spec: str, class_names: list[str]) -> np.ndarray:
     """The labels of the test set (images not decoded), checked against the teacher's classes."""
-    path = Path(spec)
-    if path.is_dir() and not any(path.glob("*.tar")):
-        labels = [label for _, _, label in _folder_images(path, class_names)]
+    shards = _test_shards(spec)
+    if shards is None:
+        labels = [label for _, _, label in _folder_images(Path(spec), class_names)]
     else:
-        shards = expand_shards(str(path / "*.tar") if path.is_dir() else spec, "evaluate.test_set")
         labels = [int(s["cls"]) for s in wds.WebDataset([str(s) for s in shards], shardshuffle=False,
                                                           empty_check=False).select(lambda s: "cls" in s)]
     if not labels:
         raise UserError(f"evaluate.test_set {spec} holds no labelled image")
-    labels = np.asarray(labels)
-    if labels.max() >= len(class_names) or labels.min() < 0:
+    return check_labels(np.asarray(labels), spec, len(class_names))
+
+
+def check_labels(labels: np.ndarray, spec: str, classes: int) -> np.ndarray:
+    if labels.max() >= classes or labels.min() < 0:
         raise UserError(f"evaluate.test_set {spec}: labels run from {labels.min()} to {labels.max()}, but the "
-                        f"teacher has {len(class_names)} classes")
+                        f"teacher has {classes} classes")
     return labels
 
 
@@ -188,9 +197,7 @@ def run(cfg, run_dir: RunDir) -> dict:
     keys, labels, logits = predict({"teacher": teacher.model, "student": student},
                                    test_images(settings.test_set, names), teacher.transform, settings.batch_size,
                                    device)
-    if labels.max() >= len(names) or labels.min() < 0:
-        raise UserError(f"evaluate.test_set: labels run from {labels.min()} to {labels.max()}, but the teacher has "
-                        f"{len(names)} classes")
+    check_labels(labels, settings.test_set, len(names))
     metrics = {name: classification_metrics(v, labels, len(names), settings.ece_bins) for name, v in logits.items()}
     agreement = float((logits["teacher"].argmax(1) == logits["student"].argmax(1)).mean())
     result = {"test_set": settings.test_set, "images": len(labels), "class_names": names, **metrics,

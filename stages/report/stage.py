@@ -167,11 +167,16 @@ def _stage_rows(run_dir: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _pseudo_classes(filter_summary: dict) -> tuple[dict, dict]:
+    """Images per pseudo-class in the scored pool and in the kept set, as the filter's summary has them."""
+    histogram = filter_summary.get("pseudo_class_histogram", {})
+    return histogram.get("before", {}), histogram.get("after", {})
+
+
 def class_coverage(filter_summary: dict) -> pd.DataFrame:
     """Per class: the pool's images the teacher gives that label (count, share) and how many the filter
     kept, a mark where it kept fewer than FEW_KEPT."""
-    histogram = filter_summary.get("pseudo_class_histogram", {})
-    before, after = histogram.get("before", {}), histogram.get("after", {})
+    before, after = _pseudo_classes(filter_summary)
     pool, kept = max(sum(before.values()), 1), max(sum(after.values()), 1)
     return pd.DataFrame([{"class": name, "pool (pseudo-label)": n, "pool share": f"{100 * n / pool:.1f}%",
                           "kept": after.get(name, 0), "kept share": f"{100 * after.get(name, 0) / kept:.1f}%",
@@ -183,8 +188,7 @@ def warnings_of(filter_summary: dict | None) -> list[str]:
     classes that keep (almost) no image."""
     if not filter_summary:
         return []
-    histogram = filter_summary.get("pseudo_class_histogram", {})
-    before, after = histogram.get("before", {}), histogram.get("after", {})
+    before, after = _pseudo_classes(filter_summary)
     found = []
     pool = sum(before.values())
     if pool:
