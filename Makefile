@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.webdistill-installed
-CONFIG ?= configs/demo.yaml
+# SCENARIO=textile: the textile-inspection demo (configs/textile.yaml, runs/textile) instead of the digits
+SCENARIO ?= digits
+CONFIG ?= $(if $(filter textile,$(SCENARIO)),configs/textile.yaml,configs/demo.yaml)
 # synthetic pool sizes of the filter benchmark; 1000000 adds ~10 minutes
 FILTER_SIZES ?= 100000
-RUN_DIR ?= runs/demo
+RUN_DIR ?= $(if $(filter textile,$(SCENARIO)),runs/textile,runs/demo)
 # `python -m pipeline` runs the code of this checkout (not another editable install)
 WD := $(PY) -m pipeline
 
@@ -16,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-STAGES := crawl score filter perturb distill evaluate report
+STAGES := crawl score filter synthesize perturb distill evaluate report
 
 .PHONY: help setup demo-data teacher all test bench bench-stages bench-variants status clean $(STAGES)
 
@@ -68,4 +70,4 @@ bench-variants: teacher  ## settings of filter + KD (budget, T, IPW, augmentatio
 	$(PY) bench/bench_variants.py --config $(CONFIG)
 
 clean:  ## remove run outputs and demo data (keeps .venv)
-	rm -rf runs demo_data bench/work
+	rm -rf runs demo_data demo_textile bench/work

@@ -21,7 +21,6 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.methods import machine  # noqa: E402
-from manifests.artifacts import LOGITS  # noqa: E402
 from pipeline import devices  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
@@ -34,7 +33,7 @@ from stages.distill.stage import Trainer, build_model, lr_factor, sample_weights
 
 WORK = Path("bench/work/distill")
 RESULTS = Path("bench/results")
-UPSTREAM = ("crawl", "score", "filter", "perturb")
+UPSTREAM = ("crawl", "score", "filter", "synthesize", "perturb")
 
 
 def in_memory(data, transform, with_mix: bool) -> dict:
@@ -42,7 +41,7 @@ def in_memory(data, transform, with_mix: bool) -> dict:
     import webdataset as wds
 
     samples = [decode(s, transform, data.rows, with_mix) for s in
-               wds.WebDataset([str(data.folder / s) for s in sorted(data.counts)], shardshuffle=False)]
+               wds.WebDataset(sorted(data.counts), shardshuffle=False)]
     out = {"row": torch.tensor([s["row"] for s in samples]), "image": torch.stack([s["image"] for s in samples])}
     if with_mix:
         out["mix"] = torch.stack([s["mix"] for s in samples])
@@ -59,8 +58,7 @@ def throughput(cfg, run: RunDir, epochs: int) -> dict:
     settings, recipe = cfg.distill, resolve(cfg.distill)
     device = devices.pick_device(settings.device)
     teacher = load_teacher(cfg.teacher, device)
-    data, kept = transfer_set(run)
-    logits = run.rows(LOGITS, kept["uid"])
+    data, kept, logits, _ = transfer_set(run)
     model, _, _ = build_model(settings, recipe, teacher, None)
     trainer = Trainer(settings, recipe, teacher, model.to(device), sample_weights(recipe, kept, logits), logits,
                       None, None, device)

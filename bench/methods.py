@@ -44,7 +44,7 @@ from stages.common.plots import figure_png, pyplot
 
 log = logging.getLogger("webdistill.bench")
 
-UPSTREAM = ("crawl", "score", "filter", "perturb")
+UPSTREAM = ("crawl", "score", "filter", "synthesize", "perturb")
 TABLE = Path(__file__).resolve().parents[1] / "configs" / "bench_methods.yaml"
 
 

@@ -9,6 +9,10 @@ from pipeline.config import opt
 class DemoConfig:
     """The embedded demo: private MNIST split and a synthetic web pool (``webdistill demo-data``)."""
 
+    scenario: str = opt("digits", "which built-in demo: digits (a private MNIST split, a convnet5 teacher, a web of "
+                        "digits, letters, photos and noise) or textile (simulated textile inspection: nominal, local "
+                        "and global defects, a MobileNetV3 teacher, a web of fabric-like textures, photos, glyphs "
+                        "and noise)", choices=("digits", "textile"))
     dir: str = opt("demo_data", "where the demo data is built", path=True)
     pool_size: int = opt(10000, "images in the web pool (broken entries come on top)", valid="> 0")
     broken_fraction: float = opt(0.02, "share of broken entries in the URL list (404, truncated, non-image, refused)", valid="[0, 1)")

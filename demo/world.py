@@ -26,6 +26,8 @@ import pandas as pd
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from demo.textile import build_private as textile_private
+from demo.textile import sources as textile_sources
 from manifests import atomic_write_json, uid_for
 from pipeline.rundir import shown
 from stages.common.progress import progress
@@ -41,7 +43,7 @@ PLANTED = {"http_404": "http_404", "truncated_jpeg": "decode_error",
 REFUSED_BASE = "http://127.0.0.1:1"  # port 1: nothing listens there, the connection is refused
 _PHOTOS = ("astronaut", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "hubble_deep_field",
            "immunohistochemistry", "moon", "page", "retina", "rocket", "text", "cell")
-_TEXTURES = ("brick", "grass", "gravel", "checkerboard", "microaneurysms")
+TEXTURES = ("brick", "grass", "gravel", "checkerboard", "microaneurysms")
 _LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnpqrtuwxyz"
 
 
@@ -58,14 +60,14 @@ def build_private(folder: Path, seed: int) -> dict:
         with wds.ShardWriter(str(folder / f"{split}-%06d.tar"), maxcount=1000, verbose=0) as sink:
             for i in idx:
                 img = Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L")
-                sink.write({"__key__": f"{split}{i:05d}", "png": _encode(img, "png"), "cls": int(y[i])})
+                sink.write({"__key__": f"{split}{i:05d}", "png": encode(img, "png"), "cls": int(y[i])})
         counts[split] = len(idx)
     return counts
 
 
 # ---------------------------------------------------------------- web pool sources
 
-def _encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
+def encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     if fmt == "jpg":
         img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode).save(buf, "JPEG", quality=quality)
@@ -128,7 +130,7 @@ def _sklearn_digits(n, rng):
         yield _finish(arr, rng), int(digits.target[i])
 
 
-def _font_chars(chars, labelled):
+def font_chars(chars, labelled):
     def source(n, rng):
         fonts = _fonts()
         for _ in range(n):
@@ -137,7 +139,7 @@ def _font_chars(chars, labelled):
     return source
 
 
-def _crops(images: list[np.ndarray], n: int, rng: np.random.Generator):
+def crops(images: list[np.ndarray], n: int, rng: np.random.Generator):
     for _ in range(n):
         src = images[rng.integers(len(images))]
         h, w = src.shape[:2]
@@ -150,14 +152,14 @@ def _crops(images: list[np.ndarray], n: int, rng: np.random.Generator):
         yield img.resize((out, out), Image.Resampling.BILINEAR), None
 
 
-def _photo_crops(n, rng):
+def photo_crops(n, rng):
     import matplotlib
     import skimage.data
     from sklearn.datasets import load_sample_images
 
     photos = [getattr(skimage.data, name)() for name in _PHOTOS] + list(load_sample_images().images)
     photos.append(np.asarray(Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")))
-    yield from _crops([p if p.dtype == np.uint8 else (p * 255).astype(np.uint8) for p in photos], n, rng)
+    yield from crops([p if p.dtype == np.uint8 else (p * 255).astype(np.uint8) for p in photos], n, rng)
 
 
 def _faces(n, rng):
@@ -175,50 +177,65 @@ def _faces(n, rng):
 def _textures_noise(n, rng):
     import skimage.data
 
-    textures = [getattr(skimage.data, name)() for name in _TEXTURES]
-    crops = _crops(textures, n, rng)
+    textures = [getattr(skimage.data, name)() for name in TEXTURES]
+    texture_crops = crops(textures, n, rng)
     for _ in range(n):
         kind = rng.integers(4)
-        if kind == 0:
-            yield next(crops)
-            continue
-        side = int(rng.integers(16, 129))
-        if kind == 1:  # white or coloured noise
-            arr = rng.integers(0, 256, (side, side, 3 if rng.random() < 0.5 else 1), dtype=np.uint8).squeeze()
-        elif kind == 2:  # smooth blobs
-            arr = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).resize(
-                (side, side), Image.Resampling.BICUBIC))
-        else:  # stripes
-            f, a = rng.uniform(0.1, 1.0), rng.uniform(0, np.pi)
-            yy, xx = np.mgrid[:side, :side]
-            arr = (127.5 + 127.5 * np.sin(f * (xx * np.cos(a) + yy * np.sin(a)))).astype(np.uint8)
-        yield Image.fromarray(arr), None
+        yield next(texture_crops) if kind == 0 else (_noise(kind, rng), None)
 
 
-_SOURCES = {"sklearn_digits": _sklearn_digits, "font_digits": _font_chars("0123456789", True),
-            "font_letters": _font_chars(_LETTERS, False), "photo_crops": _photo_crops,
+def _noise(kind: int, rng: np.random.Generator) -> Image.Image:
+    side = int(rng.integers(16, 129))
+    if kind == 1:  # white or coloured noise
+        arr = rng.integers(0, 256, (side, side, 3 if rng.random() < 0.5 else 1), dtype=np.uint8).squeeze()
+    elif kind == 2:  # smooth blobs
+        arr = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).resize(
+            (side, side), Image.Resampling.BICUBIC))
+    else:  # stripes
+        f, a = rng.uniform(0.1, 1.0), rng.uniform(0, np.pi)
+        yy, xx = np.mgrid[:side, :side]
+        arr = (127.5 + 127.5 * np.sin(f * (xx * np.cos(a) + yy * np.sin(a)))).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def noise_images(n, rng):
+    """White or coloured noise, smooth blobs, stripes."""
+    for _ in range(n):
+        yield _noise(int(rng.integers(1, 4)), rng), None
+
+
+_SOURCES = {"sklearn_digits": _sklearn_digits, "font_digits": font_chars("0123456789", True),
+            "font_letters": font_chars(_LETTERS, False), "photo_crops": photo_crops,
             "faces": _faces, "textures_noise": _textures_noise}
 
 
-def _pool_counts(pool_size: int) -> dict[str, int]:
-    counts = {s: int(pool_size * share) for s, share in POOL_MIX.items()}
-    counts["textures_noise"] += pool_size - sum(counts.values())
+def digit_sources() -> dict:
+    """The digit demo's web pool: source → (share of the pool, generator of (image, label) pairs)."""
+    return {name: (share, _SOURCES[name]) for name, share in POOL_MIX.items()}
+
+
+def _pool_counts(pool_size: int, sources: dict) -> dict[str, int]:
+    counts = {name: int(pool_size * share) for name, (share, _) in sources.items()}
+    counts[list(sources)[-1]] += pool_size - sum(counts.values())  # the rounding remainder to the last
     return counts
 
 
-def build_web(folder: Path, pool_size: int, broken_fraction: float, base_url: str, seed: int) -> pd.DataFrame:
-    """Write the web pool's files under ``folder``; return its side table (url, source, label...)."""
+def build_web(folder: Path, pool_size: int, broken_fraction: float, base_url: str, seed: int,
+              sources: dict | None = None) -> pd.DataFrame:
+    """Write the web pool's files under ``folder``; return its side table (url, source, label...).
+    ``sources``: name → (share, generator); the digit demo's by default."""
+    sources = sources or digit_sources()
     rng = np.random.default_rng(seed)
     files = folder / "img"
     files.mkdir(parents=True)
     rows = []
     order = rng.permutation(pool_size)  # file names are shuffled positions: no hint of the source
     bar = progress(total=pool_size, desc="demo web pool", unit="img")
-    for source, n in _pool_counts(pool_size).items():
-        for img, label in _SOURCES[source](n, np.random.default_rng([seed, len(rows)])):
+    for source, n in _pool_counts(pool_size, sources).items():
+        for img, label in sources[source][1](n, np.random.default_rng([seed, len(rows)])):
             fmt = "png" if rng.random() < 0.35 else "jpg"
             name = f"img/{order[len(rows)]:06d}.{fmt}"
-            (folder / name).write_bytes(_encode(img, fmt, int(rng.integers(60, 96))))
+            (folder / name).write_bytes(encode(img, fmt, int(rng.integers(60, 96))))
             rows.append({"url": f"{base_url}/{name}", "source": source, "label": label, "planted": None})
             bar.update()
     bar.close()
@@ -262,6 +279,8 @@ def build_demo(cfg, force: bool = False) -> Path:
     root = paths["root"]
     settings = {"pool_size": cfg.demo.pool_size, "broken_fraction": cfg.demo.broken_fraction,
                 "seed": cfg.demo.seed, "port": cfg.data.serve_port, "version": 2}
+    if cfg.demo.scenario != "digits":  # (the digit demo's settings as before: its data stays valid)
+        settings["scenario"] = cfg.demo.scenario
     done = root / "_SUCCESS.json"
     if not force and done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         log.info("✓ demo data: already built in %s (use --force to rebuild)", shown(root))
@@ -270,11 +289,13 @@ def build_demo(cfg, force: bool = False) -> Path:
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "private").mkdir(parents=True)
-    log.info("▶ demo data: private MNIST split and a web pool of %s images + %.0f%% broken URLs",
-             f"{cfg.demo.pool_size:,}", 100 * cfg.demo.broken_fraction)
-    private = build_private(tmp / "private", cfg.demo.seed)
+    textile = cfg.demo.scenario == "textile"
+    log.info("▶ demo data: private %s split and a web pool of %s images + %.0f%% broken URLs",
+             "textile" if textile else "MNIST", f"{cfg.demo.pool_size:,}", 100 * cfg.demo.broken_fraction)
+    private = (textile_private if textile else build_private)(tmp / "private", cfg.demo.seed)
     base_url = f"http://127.0.0.1:{cfg.data.serve_port}"
-    table = build_web(tmp / "web", cfg.demo.pool_size, cfg.demo.broken_fraction, base_url, cfg.demo.seed)
+    table = build_web(tmp / "web", cfg.demo.pool_size, cfg.demo.broken_fraction, base_url, cfg.demo.seed,
+                      textile_sources() if textile else None)
     table[["url"]].to_parquet(tmp / paths["urls"].name, index=False)
     table.to_parquet(tmp / paths["sources"].name, index=False)
     atomic_write_json(tmp / "_SUCCESS.json", {"settings": settings, "private": private, "web": len(table),

@@ -22,6 +22,7 @@ from manifests.schemas import (
                           SCORE,
                           SCORE_FAILURES,
                           SELECTION,
+                          SYNTHESIS,
                           ManifestSchema,
 )
 from manifests.uid import uid_for
@@ -34,6 +35,7 @@ __all__ = [
     "SCORE",
     "SCORE_FAILURES",
     "SELECTION",
+    "SYNTHESIS",
     "ManifestError",
     "ManifestSchema",
     "atomic_write_bytes",

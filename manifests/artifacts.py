@@ -27,7 +27,7 @@ from manifests.io import (
     read_manifest,
     write_manifest,
 )
-from manifests.schemas import CRAWL, PERTURBATION, SCORE, SCORE_FAILURES, SELECTION, ManifestSchema
+from manifests.schemas import CRAWL, PERTURBATION, SCORE, SCORE_FAILURES, SELECTION, SYNTHESIS, ManifestSchema
 
 KINDS = ("manifest", "array", "json", "file", "folder")
 
@@ -193,6 +193,20 @@ SELECTION_MANIFEST = Artifact("filter", "selection.parquet", "manifest", "filter
 FILTER_SUMMARY = Artifact("filter", "summary.json", "json", "filter summary", keys=("scored", "kept"))
 FILTER_SUMMARY_TEXT = Artifact("filter", "summary.txt", "file", "filter summary (text)")
 FILTER_PLOTS = Artifact("filter", "plots", "folder", "filter diagnostics plots")
+
+SYNTHESIS_FOLDER = Artifact("synthesize", "", "folder", "synthesize folder (shards.json names shards relative to it)")
+SYNTHESIS_SHARDS = Artifact("synthesize", "shards", "folder", "synthesised shards (empty when synthesize.start is none)")
+SYNTHESIS_MANIFEST = Artifact("synthesize", "manifest.parquet", "manifest", "synthesis manifest (lineage of every "
+                              "synthesised image)", schema=SYNTHESIS)
+SYNTHESIS_LOGITS = Artifact("synthesize", "logits.npy", "array", "teacher logits of the synthesised images",
+                            rows_of=SYNTHESIS_MANIFEST)
+SYNTHESIS_FEATURES = Artifact("synthesize", "features.npy", "array", "teacher features of the synthesised images",
+                              rows_of=SYNTHESIS_MANIFEST)
+SYNTHESIS_COUNTS = Artifact("synthesize", "shards.json", "json", "samples per synthesised shard (names relative "
+                            "to the synthesize folder; empty when synthesize.start is none)")
+SYNTHESIS_INVENTORY = Artifact("synthesize", "inventory.json", "json", "size and sha256 of every synthesised shard, "
+                               "checked when distill opens them")
+SYNTHESIS_SUMMARY = Artifact("synthesize", "summary.json", "json", "synthesize summary", keys=("start", "images"))
 
 PERTURB_FOLDER = Artifact("perturb", "", "folder", "perturb folder (shards.json names shards relative to it)")
 PERTURB_SHARDS = Artifact("perturb", "shards", "folder", "transfer-set shards (kept images + perturbations)")

@@ -126,4 +126,33 @@ PERTURBATION = ManifestSchema(
     ),
 )
 
-SCHEMAS = {s.name: s for s in (CRAWL, SCORE, SCORE_FAILURES, SELECTION, PERTURBATION)}
+SYNTHESIS = ManifestSchema(
+    name="synthesis",
+    version=1,
+    # one row per synthesised image, row i ↔ row i of synthesize/logits.npy, features.npy: its lineage
+    # (where it started, what it was optimised toward, for how long, how far it got) and what the
+    # teacher makes of the stored image
+    schema=pa.schema(
+        [
+            pa.field("uid", pa.string(), nullable=False),  # the sample's key in its shard
+            pa.field("shard", pa.string(), nullable=False),  # synthesize shard (relative to the synthesize folder)
+            pa.field("start", pa.string(), nullable=False),  # noise, or kept (a kept web image refined)
+            pa.field("source_uid", pa.string()),  # the kept web image it started from; null from noise
+            pa.field("target", pa.int32(), nullable=False),  # the class it was optimised toward
+            pa.field("steps", pa.int32(), nullable=False),  # optimisation steps run on its batch
+            pa.field("best_step", pa.int32(), nullable=False),  # the step whose pixels were kept
+            # its batch's loss terms at that step (BatchNorm statistics are a property of a batch)
+            pa.field("batch_loss", pa.float32(), nullable=False),
+            pa.field("batch_ce", pa.float32(), nullable=False),
+            pa.field("batch_bn", pa.float32(), nullable=False),
+            pa.field("batch_tv", pa.float32(), nullable=False),
+            # the teacher on the stored image: its top class, the probability of the target, and the
+            # image's own distance from every BatchNorm layer's running statistics (score's bn_distance)
+            pa.field("pseudo_label", pa.int32(), nullable=False),
+            pa.field("target_probability", pa.float32(), nullable=False),
+            pa.field("bn_distance", pa.float32(), nullable=False),
+        ]
+    ),
+)
+
+SCHEMAS = {s.name: s for s in (CRAWL, SCORE, SCORE_FAILURES, SELECTION, PERTURBATION, SYNTHESIS)}

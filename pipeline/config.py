@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import field
@@ -27,6 +28,7 @@ RANGES = {
     "> 0": (lambda v: v > 0, "> 0"),
     ">= 0": (lambda v: v >= 0, "≥ 0"),
     ">= 1": (lambda v: v >= 1, "≥ 1"),
+    ">= 2": (lambda v: v >= 2, "≥ 2"),
     "(0, 1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -65,6 +67,9 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_type(value, hint, where: str, origin: str):
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
@@ -75,6 +80,8 @@ def _check_type(value, hint, where: str, origin: str):
         base = typing.get_origin(t) or t
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads YAML 1.1, where 1e-6 (no dot) is a string
         if base is int and isinstance(value, bool):
             continue
         if isinstance(value, base):

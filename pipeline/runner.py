@@ -150,7 +150,7 @@ def format_status(cfg, run: RunDir, specs: list[StageSpec]) -> str:
             detail = f"{state.why}; last run: {_counts_line(state.record)}"
         if state.record and run.has_partial(state.name):
             detail += f" [an interrupted re-run waits in {state.name}{PARTIAL}/]"
-        lines.append(f"  {state.name:<9} {state.status:<10} {detail}")
+        lines.append(f"  {state.name:<10} {state.status:<10} {detail}")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from stages.evaluate.config import EvaluateConfig
 from stages.filter.config import FilterConfig
 from stages.perturb.config import PerturbConfig
 from stages.score.config import ScoreConfig
+from stages.synthesize.config import SynthesizeConfig
 
 
 def distill_recipe(cfg) -> dict:
@@ -46,9 +47,13 @@ STAGES = [
               sections={"filter": FilterConfig}, module="stages.filter.stage",
               preflight="stages.filter.stage:preflight",
               input_files=lambda cfg: [cfg.filter.diagnostics_sources]),
+    StageSpec("synthesize", "images optimised toward the teacher's BatchNorm statistics, from noise or kept "
+              "web images (DeepInversion; none by default)", upstream=("filter",),
+              sections={"synthesize": SynthesizeConfig}, module="stages.synthesize.stage",
+              preflight="stages.synthesize.stage:preflight"),
     StageSpec("perturb", "MixDistribution images of the selected samples", upstream=("filter",),
               sections={"perturb": PerturbConfig}, module="stages.perturb.stage"),
-    StageSpec("distill", "student training on the selected images", upstream=("filter", "perturb"),
+    StageSpec("distill", "student training on the selected images", upstream=("filter", "synthesize", "perturb"),
               sections={"distill": DistillConfig}, module="stages.distill.stage",
               preflight="stages.distill.stage:preflight", distributed=True,
               derived=distill_recipe),

@@ -133,14 +133,17 @@ def config(small_web, run_dir, teacher, private, *overrides):
 
 @pytest.fixture(scope="session")
 def upstream(small_web, crawled, mnist_teacher, private, tmp_path_factory):
-    """A run directory with crawl, score, filter and perturb done (copied by each test)."""
+    """A run directory with crawl, score, filter, synthesize (off) and perturb done (copied by each test)."""
     run_dir = copy_crawl(crawled, tmp_path_factory.mktemp("upstream") / "run")
-    run_stages(config(small_web, run_dir, mnist_teacher, private), STAGES, only=["score", "filter", "perturb"])
+    run_stages(config(small_web, run_dir, mnist_teacher, private), STAGES, only=UPSTREAM[1:])
     return run_dir
 
 
+UPSTREAM = ("crawl", "score", "filter", "synthesize", "perturb")  # the stages before distill
+
+
 def fresh(upstream: Path, dest: Path) -> Path:
-    for stage in ("crawl", "score", "filter", "perturb"):
+    for stage in UPSTREAM:
         shutil.copytree(upstream / stage, dest / stage)
     return dest
 

@@ -26,13 +26,13 @@ def test_config_typo_is_one_line_without_traceback(tmp_path):
 def test_status_of_a_crawled_run(small_web, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(dump_yaml(web_config(small_web, tmp_path / "run", "crawl.processes_count=1")))
-    assert "crawl     missing    not run yet" in invoke("status", str(config)).output
+    assert "crawl      missing    not run yet" in invoke("status", str(config)).output
     result = invoke("crawl", str(config))
     assert result.exit_code == 0
     out = invoke("status", str(tmp_path / "run")).output  # a run directory works as well as its config
-    assert "crawl     done       attempted 324, succeeded 300, failed 24, shards 4" in out
+    assert "crawl      done       attempted 324, succeeded 300, failed 24, shards 4" in out
     for stage in ("score", "filter", "perturb", "distill", "evaluate", "report"):
-        assert f"{stage:<9} missing    not run yet" in out
+        assert f"{stage:<10} missing    not run yet" in out
     # skipped the second time, re-run with --force
     run_id = RunDir(tmp_path / "run").record("crawl")["run_id"]
     assert invoke("crawl", str(tmp_path / "run")).exit_code == 0

@@ -82,3 +82,11 @@ def test_a_dumped_config_reloads_with_the_same_fingerprints(tmp_path):
     path.write_text(dump_yaml(cfg))
     sections = [f.name for f in dataclasses.fields(Config)]
     assert fingerprint(load_config(path), sections) == fingerprint(cfg, sections)
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    # PyYAML reads YAML 1.1, where 1e-6 is a string; in a float field it means the number
+    cfg = load_config(None, ["synthesize.lr=1e-6", "synthesize.tv_weight=2.5E-5"])
+    assert cfg.synthesize.lr == 1e-6 and cfg.synthesize.tv_weight == 2.5e-5
+    with pytest.raises(UserError, match="synthesize.lr must be float, got '1e-'"):
+        load_config(None, ["synthesize.lr=1e-"])

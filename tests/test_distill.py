@@ -59,7 +59,7 @@ def test_decoded_cache_gives_the_same_batches_and_resumes_mid_run(upstream, mnis
     from stages.common.teacher import load_teacher
     from stages.distill.stage import transfer_set
 
-    data, _ = transfer_set(RunDir(upstream))
+    data, *_ = transfer_set(RunDir(upstream))
     transform = load_teacher(load_config(None, mnist_teacher).teacher).transform
 
     def epochs(cache_mb, start=0, n=3):

@@ -76,7 +76,7 @@ def one_error_line(result) -> str:
 
 @pytest.fixture
 def finished(upstream, tmp_path, small_web, mnist_teacher, private):
-    """A copy of a run with crawl, score, filter and perturb done, its config file, and its bytes."""
+    """A copy of a run with crawl, score, filter, synthesize and perturb done, its config file, and its bytes."""
     run_dir = fresh(upstream, tmp_path / "run")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_yaml(config(small_web, run_dir, mnist_teacher, private)))
@@ -99,7 +99,7 @@ def test_a_user_error_leaves_the_finished_run_byte_for_byte(finished, bad, tmp_p
     line = one_error_line(cli_run("run", finished["config"], *args))
     assert snapshot(finished["run"]) == finished["before"], line
     status = cli_run("status", finished["config"]).stdout
-    assert "perturb   done" in status and "interrupted" not in status, status
+    assert "perturb    done" in status and "interrupted" not in status, status
 
 
 def test_a_failing_rerun_builds_beside_the_finished_stage_and_keeps_it(tmp_path):
@@ -113,7 +113,7 @@ def test_a_failing_rerun_builds_beside_the_finished_stage_and_keeps_it(tmp_path)
     assert snapshot(tmp_path / "run" / "first") == before
     assert (tmp_path / "run" / "first.partial" / "partial.txt").is_file()  # the new attempt, beside it
     status = format_status(dying, RunDir(dying.run_dir), SPECS)
-    assert "first     stale" in status and "an interrupted re-run waits in first.partial/" in status
+    assert "first      stale" in status and "an interrupted re-run waits in first.partial/" in status
     run_stages(load_config(None, [f"run_dir={tmp_path / 'run'}", "crawl.timeout=5"]), SPECS)  # completes: replaces
     assert (tmp_path / "run" / "first" / "out.txt").read_text() == "5"
     assert not (tmp_path / "run" / "first.partial").exists()
@@ -437,7 +437,7 @@ def test_a_copied_run_directory_acts_on_itself_and_opens_from_anywhere(finished,
     elsewhere.mkdir()
     status = cli_run("status", copy, cwd=elsewhere)
     assert f"run directory {copy}" in status.stdout
-    assert "crawl     done" in status.stdout and "perturb   done" in status.stdout, status.stdout
+    assert "crawl      done" in status.stdout and "perturb    done" in status.stdout, status.stdout
     assert cli_run("run", copy, "--only", "filter", "--force", cwd=elsewhere).exit_code == 0
     assert snapshot(finished["run"]) == original
     assert RunDir(copy).record("filter")["run_id"] != RunDir(finished["run"]).record("filter")["run_id"]

@@ -59,7 +59,7 @@ def test_make_all_runs_every_stage_and_ends_with_the_report(checkout):
     assert first.stdout.rstrip().endswith("on 1,000 test images")
     assert "report: runs/demo/report/report.html" in first.stdout
     assert (checkout / "runs" / "demo" / "report" / "report.html").stat().st_size > 50_000
-    for stage in ("crawl", "score", "filter", "perturb", "distill", "evaluate", "report"):
+    for stage in ("crawl", "score", "filter", "synthesize", "perturb", "distill", "evaluate", "report"):
         assert (checkout / "runs" / "demo" / stage / "_SUCCESS.json").is_file()
 
     again = make(checkout, "all")
@@ -69,6 +69,6 @@ def test_make_all_runs_every_stage_and_ends_with_the_report(checkout):
     assert "demo teacher: up to date, skipped" in log
     assert "crawl: up to date, skipped" in log
     assert "score: up to date, skipped" in log
-    for stage in ("filter", "perturb", "distill", "evaluate", "report"):
+    for stage in ("filter", "synthesize", "perturb", "distill", "evaluate", "report"):
         assert f"{stage}: up to date, skipped" in log
-    assert "crawl     done       attempted 10,200, succeeded 10,000, failed 200" in log
+    assert "crawl      done       attempted 10,200, succeeded 10,000, failed 200" in log

@@ -108,12 +108,12 @@ def test_a_stage_whose_upstream_is_not_done_refuses_to_run(tmp_path):
 def test_status_output(tmp_path):
     cfg = cfg_for(tmp_path)
     text = format_status(cfg, RunDir(cfg.run_dir), SPECS)
-    assert "first     missing    not run yet" in text
+    assert "first      missing    not run yet" in text
     run_stages(cfg, SPECS)
     run_stages(cfg, SPECS, only=["first"], force=True)
     lines = format_status(cfg, RunDir(cfg.run_dir), SPECS).splitlines()
     assert lines[1].split()[:4] == ["first", "done", "items", "3"]
-    assert lines[2].startswith("  second    stale      upstream first was re-run; last run: items 3")
+    assert lines[2].startswith("  second     stale      upstream first was re-run; last run: items 3")
     assert lines[3].split()[:3] == ["third", "not", "built"]
 
 

@@ -1,11 +1,21 @@
 """synthesize: DeepInversion's pixel optimisation on a tiny teacher — it lowers the BatchNorm and class
-losses, it is deterministic (the basis of per-shard resume), and its priors equal hand computations."""
+losses, it is deterministic (the basis of per-shard resume), and its priors equal hand computations — and
+the stage: shards with lineage and teacher outputs, SIGKILL then resume gives the same bytes, the hybrid
+starts from the kept images it names, balanced targets fill missing classes, distill learns from the
+synthetic rows, a teacher without BatchNorm is refused before anything runs."""
+
+import io
+import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from pipeline.errors import UserError
 from stages.common.batchnorm import BatchNormStatistics
 from stages.synthesize.inversion import (
     Inversion,
@@ -105,3 +115,194 @@ def test_priors_and_helpers_equal_hand_computations():
     pixels = torch.tensor([[[[0.0, 255.0]]]]) / 255
     normalised = (pixels - 0.5) / 0.25
     assert to_pixels(normalised, MEAN, STD).flatten().tolist() == [0, 255]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def test_fill_targets_balances_classes_and_moves_the_least_confident_to_the_classes_they_score_highest():
+    from stages.synthesize.stage import fill_targets
+
+    # six images called class 0, none of class 2: the share is 6 / 3 = 2 per class
+    labels = np.array([0, 0, 0, 0, 0, 0])
+    scores = np.array([[9, 1, 0], [8, 0, 1], [7, 1, 3], [6, 3, 1], [5, 0, 4], [4, 2, 0]], float)
+    targets = fill_targets(labels, scores)
+    assert np.bincount(targets, minlength=3).tolist() == [2, 2, 2]
+    assert targets[:2].tolist() == [0, 0]  # the two most confident keep their pseudo-label
+    assert targets[4] == 2 and targets[3] == 1  # the movers go where they score highest while there is room
+    already = np.array([0, 1, 2, 0, 1, 2])
+    assert np.array_equal(fill_targets(already, np.eye(3)[already]), already)  # balanced: nothing moves
+
+
+SYNTH = ["synthesize.batch_size=8", "synthesize.images_per_shard=16", "synthesize.steps=6"]
+
+
+def synthesized(upstream, tmp_path, small_web, mnist_teacher, private, *overrides):
+    from pipeline.runner import run_stages
+    from stages import STAGES
+    from tests.conftest import config, fresh
+
+    run_dir = fresh(upstream, tmp_path / "run")
+    cfg = config(small_web, run_dir, mnist_teacher, private, *SYNTH, *overrides)
+    run_stages(cfg, STAGES, only=["synthesize"])
+    return run_dir, cfg
+
+
+def shard_samples(folder):
+    import webdataset as wds
+
+    return [s for s in wds.WebDataset(sorted(str(p) for p in folder.glob("*.tar")), shardshuffle=False)]
+
+
+def test_synthesis_from_noise_writes_shards_with_lineage_and_the_teachers_outputs(upstream, small_web, mnist_teacher,
+                                                                                  private, tmp_path):
+    import json
+
+    from manifests import SYNTHESIS, read_manifest
+
+    run_dir, _ = synthesized(upstream, tmp_path, small_web, mnist_teacher, private, "synthesize.start=noise",
+                             "synthesize.images=40")
+    manifest = read_manifest(run_dir / "synthesize" / "manifest.parquet", SYNTHESIS)
+    assert len(manifest) == 40 and manifest["uid"].is_unique
+    assert manifest["shard"].value_counts().sort_index().tolist() == [16, 16, 8]
+    assert manifest["target"].value_counts().tolist() == [4] * 10  # balanced over the ten classes
+    assert (manifest["start"] == "noise").all() and manifest["source_uid"].isna().all()
+    assert (manifest["steps"] == 6).all() and manifest["best_step"].between(0, 5).all()
+    assert (manifest["batch_bn"] > 0).all() and (manifest["bn_distance"] > 0).all()
+    logits = np.load(run_dir / "synthesize" / "logits.npy")
+    assert logits.shape == (40, 10) and np.load(run_dir / "synthesize" / "features.npy").shape[0] == 40
+    assert np.array_equal(logits.argmax(1), manifest["pseudo_label"])  # row i of the array is manifest row i
+    probability = np.exp(logits - logits.max(1, keepdims=True))
+    probability /= probability.sum(1, keepdims=True)
+    assert np.allclose(probability[np.arange(40), manifest["target"]], manifest["target_probability"], atol=1e-5)
+    samples = shard_samples(run_dir / "synthesize" / "shards")
+    assert [s["__key__"] for s in samples] == manifest["uid"].tolist()
+    assert all(set(s) >= {"png", "json"} for s in samples)
+    assert [json.loads(s["json"])["target"] for s in samples] == manifest["target"].tolist()
+    summary = json.loads((run_dir / "synthesize" / "summary.json").read_text())
+    assert summary["images"] == 40 and summary["seconds_per_1000"] > 0
+
+
+def test_the_hybrid_starts_from_the_kept_images_it_names(upstream, small_web, mnist_teacher, private, tmp_path):
+    from manifests import SCORE, SYNTHESIS, read_manifest
+    from stages.common.images import read_shard_images
+    from stages.common.teacher import load_teacher
+
+    # one step at a negligible rate: the stored image is its start, the kept web image
+    run_dir, cfg = synthesized(upstream, tmp_path, small_web, mnist_teacher, private, "synthesize.start=kept",
+                               "synthesize.steps=1", "synthesize.lr=1e-6", "synthesize.images=24")
+    manifest = read_manifest(run_dir / "synthesize" / "manifest.parquet", SYNTHESIS)
+    kept = pd.read_parquet(run_dir / "filter" / "selection.parquet").query("keep")
+    assert len(manifest) == 24 and set(manifest["source_uid"]) <= set(kept["uid"])
+    transform = load_teacher(cfg.teacher).transform
+    web = dict(read_shard_images(run_dir / "crawl" / "shards"))
+    samples = {s["__key__"]: s["png"] for s in shard_samples(run_dir / "synthesize" / "shards")}
+    for row in manifest.itertuples():
+        stored = transform(Image.open(io.BytesIO(samples[row.uid])))
+        assert (stored - transform(web[row.source_uid])).abs().max() < 0.05, row.uid  # a level or two of 255
+    scores = read_manifest(run_dir / "score" / "manifest.parquet", SCORE).set_index("uid")
+    assert len(scores) >= len(kept)
+
+
+def test_a_synthesis_killed_part_way_resumes_to_the_same_shards(upstream, small_web, mnist_teacher, private,
+                                                                tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.config import dump_yaml
+    from pipeline.runner import run_stages
+    from stages import STAGES
+    from tests.conftest import REPO, config, fresh
+
+    settings = [*SYNTH, "synthesize.start=noise", "synthesize.images=48", "synthesize.steps=150"]
+    straight, _ = synthesized(upstream, tmp_path / "a", small_web, mnist_teacher, private, *settings[3:])
+    killed = fresh(upstream, tmp_path / "killed")
+    cfg = config(small_web, killed, mnist_teacher, private, *settings)
+    (tmp_path / "killed.yaml").write_text(dump_yaml(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "synthesize", str(tmp_path / "killed.yaml")], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = killed / "synthesize.partial" / "shards" / "00000.tar"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # the finished synthesis (none) stays in place until the new one is complete
+    assert json.loads((killed / "synthesize" / "_SUCCESS.json").read_text())["counts"]["images"] == 0
+    assert not (killed / "synthesize.partial" / "shards" / "00002.tar").exists()  # killed part-way
+
+    run_stages(cfg, STAGES, only=["synthesize"])
+    assert json.loads((killed / "synthesize" / "_SUCCESS.json").read_text())["counts"]["resumed_shards"] >= 1
+    names = sorted(p.name for p in (straight / "synthesize" / "shards").glob("*.tar"))
+    assert names == ["00000.tar", "00001.tar", "00002.tar"]
+    for name in names:
+        assert (killed / "synthesize" / "shards" / name).read_bytes() == \
+            (straight / "synthesize" / "shards" / name).read_bytes(), name
+
+
+def test_distill_learns_from_the_synthetic_rows_joined_on_uid(upstream, small_web, mnist_teacher, private, tmp_path):
+    from pipeline.rundir import RunDir
+    from pipeline.runner import run_stages
+    from stages import STAGES
+    from stages.distill.stage import transfer_set
+    from tests.conftest import config
+
+    run_dir, _ = synthesized(upstream, tmp_path, small_web, mnist_teacher, private, "synthesize.start=noise",
+                             "synthesize.images=20")
+    run = RunDir(run_dir)
+    data, rows, logits, _ = transfer_set(run, which="both")
+    kept = pd.read_parquet(run_dir / "filter" / "selection.parquet").query("keep")
+    assert data.size == len(kept) + 20 == len(rows) == len(logits)
+    synthetic = np.load(run_dir / "synthesize" / "logits.npy")
+    assert np.array_equal(logits[len(kept):], synthetic)  # the synthetic rows carry their own teacher outputs
+    only, rows_only, _, _ = transfer_set(run, which="synthetic")
+    assert only.size == 20 and all(Path(s).parent.parent.name == "synthesize" for s in only.counts)
+
+    cfg = config(small_web, run_dir, mnist_teacher, private, *SYNTH, "synthesize.start=noise", "synthesize.images=20",
+                 "distill.transfer_set=synthetic", "distill.epochs=1", "distill.batch_size=8")
+    run_stages(cfg, STAGES, only=["distill", "evaluate", "report"])
+    assert json.loads((run_dir / "distill" / "summary.json").read_text())["transfer_set"] == 20
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "## Synthesize" in report and "20 images optimised from Gaussian noise" in report
+    assert "![synthesis](plots/synthesis.png)" in report and (run_dir / "report" / "plots" / "synthesis.png").is_file()
+
+
+def test_synthetic_only_without_synthesis_is_refused_with_what_to_set(upstream, small_web, mnist_teacher, private,
+                                                                     tmp_path):
+    from pipeline.rundir import RunDir
+    from stages.distill.stage import transfer_set
+
+    run_dir, _ = synthesized(upstream, tmp_path, small_web, mnist_teacher, private)  # start: none
+    with pytest.raises(UserError, match="synthesize.start is none"):
+        transfer_set(RunDir(run_dir), which="synthetic")
+
+
+class NoBatchNorm(nn.Module):
+    """A teacher without BatchNorm (an entry point)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * 28 * 28, 16), nn.ReLU())
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def test_a_teacher_without_batchnorm_is_refused_before_anything_runs(tmp_path):
+    from pipeline.config import load_config
+    from stages.synthesize.stage import preflight
+
+    torch.save(NoBatchNorm().state_dict(), tmp_path / "net.pt")
+    cfg = load_config(None, ["teacher.format=entrypoint", "teacher.arch=tests.test_synthesize:NoBatchNorm",
+                             f"teacher.checkpoint={tmp_path / 'net.pt'}", "teacher.input_size=28",
+                             "teacher.channels=1", "teacher.class_names=[a, b, c, d, e, f, g, h, i, j]",
+                             "synthesize.start=noise"])
+    with pytest.raises(UserError, match="no BatchNorm layer.*synthesize.start: none"):
+        preflight(cfg)
+    preflight(load_config(None, ["synthesize.start=none"]))  # none checks nothing (not even the teacher)

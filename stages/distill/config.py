@@ -22,6 +22,10 @@ class DistillConfig:
                       "with ipwd's weights), webdistill (the recipe the benchmark chose for the filtered set: "
                       "Hinton KD, as kd)",
                       choices=("kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"))
+    transfer_set: str = opt("both", "what the student learns from: web (perturb's shards: the filter's kept images "
+                            "and their perturbations), synthetic (the synthesize stage's images alone), both "
+                            "(web plus whatever synthesize wrote; web alone when synthesize.start is none)",
+                            choices=("web", "synthetic", "both"))
     epochs: int = opt(20, "passes over the selected images", valid=">= 1")
     batch_size: int = opt(128, "images per step and per torchrun rank", valid="> 0")
     optimizer: str = opt("sgd", "sgd (Nesterov momentum) or adamw", choices=("sgd", "adamw"))

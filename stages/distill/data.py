@@ -19,7 +19,6 @@ transfer set every epoch after the first skips reading and decoding, with the sa
 import io
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,7 +117,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         ordered = epoch_order(sorted(self.data.counts), self.seed, epoch)
         mine = rank_shards(ordered, self.rank, self.world) if self.split == "shard" else ordered
-        decoded = (sample for s in mine[worker::workers] for sample in self.shard(str(self.data.folder / s)))
+        decoded = (sample for s in mine[worker::workers] for sample in self.shard(s))
         rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
         shuffled = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=rng)(decoded)
         yield from wds.batched(self.batch_size, collation_fn=collate, partial=True)(shuffled)
@@ -126,10 +125,10 @@ class EpochStream(torch.utils.data.IterableDataset):
 
 @dataclass
 class TransferSet:
-    """perturb's shards with their sizes, and the row of each sample (uid) among the kept samples."""
+    """The shards the student learns from (perturb's, synthesize's) with their sizes, and the row of each
+    sample (uid) in the per-sample arrays distill holds."""
 
-    folder: Path
-    counts: dict[str, int]  # shard (relative to folder) -> samples
+    counts: dict[str, int]  # shard path -> samples
     rows: dict[str, int]  # uid -> its row in the per-sample arrays distill holds (weights, cached teacher outputs)
 
     @property
@@ -144,8 +143,9 @@ class TransferSet:
         if self.split == "sample":
             return min(workers, len(self.counts))
         if len(self.counts) < world:
-            raise UserError(f"perturb wrote {len(self.counts)} shard(s), fewer than the {world} torchrun ranks: "
-                            "lower crawl.number_sample_per_shard so every rank gets a shard")
+            raise UserError(f"the transfer set has {len(self.counts)} shard(s), fewer than the {world} torchrun "
+                            "ranks: lower crawl.number_sample_per_shard (or synthesize.images_per_shard) so every "
+                            "rank gets a shard, or set distill.split: sample")
         return min(workers, len(self.counts) // world)
 
     def steps(self, epoch: int, seed: int, world: int, workers: int, batch_size: int) -> int:

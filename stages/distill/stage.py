@@ -44,6 +44,12 @@ from manifests.artifacts import (
     PERTURB_INVENTORY,
     SELECTION_MANIFEST,
     STUDENT,
+    SYNTHESIS_COUNTS,
+    SYNTHESIS_FEATURES,
+    SYNTHESIS_FOLDER,
+    SYNTHESIS_INVENTORY,
+    SYNTHESIS_LOGITS,
+    SYNTHESIS_MANIFEST,
 )
 from pipeline import devices
 from pipeline.errors import UserError
@@ -63,15 +69,41 @@ log = logging.getLogger("webdistill.distill")
 
 # ---------------------------------------------------------------- inputs
 
-def transfer_set(run_dir: RunDir, split: str = "shard") -> tuple[TransferSet, pd.DataFrame]:
-    """perturb's shards, and the filter's kept samples in selection order: row i of every
-    per-sample array of the run (weights, cached teacher outputs) belongs to kept uid i."""
-    folder = run_dir.path(PERTURB_FOLDER)
-    counts = {s: n for s, n in run_dir.read(PERTURB_COUNTS).items() if n > 0}
-    selection = run_dir.read(SELECTION_MANIFEST, columns=["uid", "keep", "weight", "pseudo_label"])
-    kept = selection[selection["keep"]].reset_index(drop=True)
-    run_dir.verified(PERTURB_INVENTORY, counts)  # each shard as perturb wrote it: never a short epoch
-    return TransferSet(folder, counts, dict(zip(kept["uid"], kept.index)), split), kept
+def _shards(run_dir: RunDir, folder, counts, inventory) -> dict[str, int]:
+    """A stage's shards (absolute paths) with their sample counts, each checked to be as the stage wrote it
+    (never a short epoch)."""
+    counts = {s: n for s, n in run_dir.read(counts).items() if n > 0}
+    run_dir.verified(inventory, counts)
+    return {str(run_dir.path(folder) / s): n for s, n in counts.items()}
+
+
+def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web"
+                 ) -> tuple[TransferSet, pd.DataFrame, np.ndarray, np.ndarray]:
+    """The shards the student learns from (``which``: web, synthetic or both), the samples' rows (uid,
+    filter weight, pseudo-label; web rows first, in selection order, then synthetic ones) and the teacher's
+    cached logits and features of each row (joined on uid): row i of every per-sample array distill holds
+    belongs to row i of the frame."""
+    shards, parts, logits, features = {}, [], [], []
+    if which in ("web", "both"):
+        shards |= _shards(run_dir, PERTURB_FOLDER, PERTURB_COUNTS, PERTURB_INVENTORY)
+        selection = run_dir.read(SELECTION_MANIFEST, columns=["uid", "keep", "weight", "pseudo_label"])
+        kept = selection[selection["keep"]]
+        parts.append(kept[["uid", "weight", "pseudo_label"]])
+        logits.append(run_dir.rows(LOGITS, kept["uid"]))
+        features.append(run_dir.rows(FEATURES, kept["uid"]))
+    if which in ("synthetic", "both"):
+        synthetic = run_dir.read(SYNTHESIS_MANIFEST, columns=["uid", "pseudo_label"])
+        if which == "synthetic" and synthetic.empty:
+            raise UserError("distill.transfer_set synthetic: the synthesize stage wrote no image (synthesize.start "
+                            "is none); set synthesize.start to noise or kept, or distill.transfer_set to web")
+        if len(synthetic):
+            shards |= _shards(run_dir, SYNTHESIS_FOLDER, SYNTHESIS_COUNTS, SYNTHESIS_INVENTORY)
+            parts.append(synthetic.assign(weight=np.float32(1.0))[["uid", "weight", "pseudo_label"]])
+            logits.append(run_dir.rows(SYNTHESIS_LOGITS, synthetic["uid"]))
+            features.append(run_dir.rows(SYNTHESIS_FEATURES, synthetic["uid"]))
+    rows = pd.concat(parts, ignore_index=True)
+    data = TransferSet(shards, dict(zip(rows["uid"], rows.index)), split)
+    return data, rows, np.concatenate(logits), np.concatenate([f.astype(np.float32) for f in features])
 
 
 def sample_weights(recipe: Recipe, kept: pd.DataFrame, logits: np.ndarray) -> torch.Tensor:
@@ -292,10 +324,13 @@ def run(cfg, run_dir: RunDir) -> dict:
     device = devices.pick_device(settings.device)
     log.info("distill: %s student, preset %s (%s), on %s", settings.student, settings.preset, describe(recipe), device)
     teacher = load_teacher(cfg.teacher, device)
-    data, kept = transfer_set(run_dir, settings.split)
-    logits = run_dir.rows(LOGITS, kept["uid"])  # joined on uid: row i belongs to kept uid i
-    features = run_dir.rows(FEATURES, kept["uid"]) if {"teacher_features", "autoencoder"} & methods.needs(recipe) \
-        else None
+    data, kept, logits, features = transfer_set(run_dir, settings.split, settings.transfer_set)
+    if recipe.perturbation == "offline" and any(Path(s).parent.parent.name == "synthesize" for s in data.counts):
+        raise UserError(f"distill: preset {settings.preset} reads perturb's MixDistribution images (perturbation "
+                        "offline), which synthesised images do not have; set distill.transfer_set: web or "
+                        "distill.perturbation: online")
+    if not {"teacher_features", "autoencoder"} & methods.needs(recipe):
+        features = None
     model, autoencoder, ae_history = build_model(settings, recipe, teacher, features)
     model.to(device)
     if autoencoder is not None:

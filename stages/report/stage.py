@@ -35,6 +35,10 @@ from manifests.artifacts import (
     PERTURB_SUMMARY,
     REPORT_HTML,
     REPORT_MD,
+    SYNTHESIS_MANIFEST,
+    SYNTHESIS_SHARDS,
+    SYNTHESIS_SUMMARY,
+    TEACHER_INFO,
 )
 from pipeline.config import dump_yaml
 from pipeline.errors import UserError
@@ -119,6 +123,36 @@ def plot_perturbations(shard_dir: Path, path: Path, n: int = 8) -> bool:
     fig.tight_layout()
     _save(fig, path)
     return True
+
+
+def plot_synthesis(shard_dir: Path, class_names: list[str], path: Path, n: int = 16) -> bool:
+    """The first ``n`` synthesised images, titled with their target class."""
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    shards = sorted(shard_dir.glob("*.tar"))
+    samples = [s for _, s in zip(range(n), wds.WebDataset([str(s) for s in shards[:1]], shardshuffle=False,
+                                                           empty_check=False))]
+    if not samples:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(samples), figsize=(1.1 * len(samples), 1.4))
+    for ax, sample in zip(np.atleast_1d(axes), samples):
+        ax.imshow(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        ax.set_title(class_names[json.loads(sample["json"])["target"]], fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def synthesis_rows(manifest: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
+    """Per target class: images synthesised toward it and the share the teacher labels as that class."""
+    by_target = manifest.assign(agree=manifest["pseudo_label"] == manifest["target"]).groupby("target")["agree"]
+    return pd.DataFrame({"class": [class_names[t] for t in by_target.groups], "images": by_target.size().to_numpy(),
+                         "teacher agrees": [_pct(x) for x in by_target.mean()]})
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -232,6 +266,18 @@ def build(cfg, run_dir: RunDir, out: Path) -> str:
             if source.is_file():
                 atomic_write_bytes(plots / f"filter_{name}.png", source.read_bytes())
                 md += [f"![filter {name}](plots/filter_{name}.png)", ""]
+
+    synthesis = _optional(run_dir, SYNTHESIS_SUMMARY)
+    if synthesis and synthesis["images"]:
+        names = run_dir.read(TEACHER_INFO)["class_names"]
+        start = {"noise": "Gaussian noise (DeepInversion)", "kept": "the filter's kept web images (the hybrid)"}
+        md += ["## Synthesize", "", f"{synthesis['images']:,} images optimised from {start[synthesis['start']]} "
+               f"for {synthesis['steps']} steps per batch of {synthesis['batch_size']} toward {synthesis['targets']} "
+               f"targets; the teacher labels {_pct(synthesis['target_hit_rate'])} of them as their target. "
+               f"{synthesis['seconds_per_1000'] or '–'} s per 1,000 images.", "",
+               _table(synthesis_rows(run_dir.read(SYNTHESIS_MANIFEST), names)), ""]
+        if plot_synthesis(run_dir.path(SYNTHESIS_SHARDS), names, plots / "synthesis.png"):
+            md += ["![synthesis](plots/synthesis.png)", ""]
 
     perturb = _optional(run_dir, PERTURB_SUMMARY)
     if perturb:

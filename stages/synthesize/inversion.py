@@ -68,11 +68,12 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def invert(teacher: nn.Module, start: torch.Tensor, targets: torch.Tensor, settings: Inversion,
            bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
-           student: nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+           student: nn.Module | None = None, after_step=None) -> tuple[torch.Tensor, dict]:
     """The pixels of ``start`` (normalised, batch × channels × H × W) optimised toward ``targets``; returns
     the batch of the step with the lowest loss and that step's loss terms. ``bounds``: per-channel lowest
     and highest normalised value (pixel 0 and 1). Jitter draws from ``generator``: the same start, targets
-    and generator state give the same images."""
+    and generator state give the same images. ``after_step(steps_done, best_so_far)``, if given, sees the
+    batch that would be returned had the run stopped there (a steps-to-quality curve from one run)."""
     teacher.eval()
     low, high = (b.view(1, -1, 1, 1).to(start) for b in bounds)
     x = start.detach().clone().clamp(low, high).requires_grad_(True)
@@ -101,6 +102,8 @@ def invert(teacher: nn.Module, start: torch.Tensor, targets: torch.Tensor, setti
             optimiser.step()
             with torch.no_grad():
                 x.copy_(torch.maximum(torch.minimum(x, high), low))
+            if after_step is not None:
+                after_step(step + 1, best)
     return best, best_terms
 
 
