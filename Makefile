@@ -20,7 +20,7 @@ export WANDB_MODE := disabled
 
 STAGES := crawl score filter synthesize perturb distill evaluate report
 
-.PHONY: help setup demo-data teacher all test bench bench-stages bench-variants status clean $(STAGES)
+.PHONY: help setup demo-data teacher all test bench bench-stages bench-variants bench-synthesis status clean $(STAGES)
 
 help:  ## list the targets
 	@grep -hE '^([a-zA-Z_-]+|\$$\(STAGES\)):.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/; s/^\$$\(STAGES\)/$(STAGES)/' | \
@@ -68,6 +68,9 @@ bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, 
 
 bench-variants: teacher  ## settings of filter + KD (budget, T, IPW, augmentation) × 2 seeds, judged on the private train split (~16 min)
 	$(PY) bench/bench_variants.py --config $(CONFIG)
+
+bench-synthesis: teacher  ## steps-to-quality of the hybrid (kept web images) vs DeepInversion from noise (~12 min on the digits)
+	$(PY) bench/bench_synthesis.py --config $(CONFIG) --name $(SCENARIO)
 
 clean:  ## remove run outputs and demo data (keeps .venv)
 	rm -rf runs demo_data demo_textile bench/work

@@ -25,6 +25,7 @@ from demo.world import build_demo  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
 from stages import STAGES  # noqa: E402
+from stages.crawl.stage import stored_side  # noqa: E402
 from stages.crawl.webserver import serve_folder  # noqa: E402
 
 WORK = Path("bench/work/crawl")
@@ -37,7 +38,7 @@ def raw_img2dataset(cfg, out: Path) -> float:
     t0 = time.perf_counter()
     download(url_list=cfg.data.url_list, input_format="parquet", url_col=cfg.data.url_col,
              output_folder=str(out), output_format="webdataset", enable_wandb=False, extract_exif=False,
-             compute_hash="sha256", image_size=c.image_size, resize_mode=c.resize_mode,
+             compute_hash="sha256", image_size=stored_side(cfg), resize_mode=c.resize_mode,
              processes_count=c.processes_count, thread_count=c.thread_count,
              number_sample_per_shard=c.number_sample_per_shard, timeout=c.timeout, retries=c.retries,
              encode_format=c.encode_format, encode_quality=c.encode_quality, distributor=c.distributor)
@@ -78,7 +79,7 @@ def main():
     overhead = rows[1]["seconds_median"] / rows[0]["seconds_median"] - 1
     c = cfg.crawl
     settings = (f"{c.processes_count} processes × {c.thread_count} threads, {c.number_sample_per_shard} per shard, "
-                f"{c.image_size}px {c.resize_mode}, {args.repeats} runs each, median")
+                f"{stored_side(cfg)}px {c.resize_mode}, {args.repeats} runs each, median")
     table = "\n".join([f"| {r['what']} | {r['urls']:,} | {r['images']:,} | {r['seconds_median']:.1f} | "
                        f"{r['images_per_s']:.0f} |" for r in rows])
     report = (f"## crawl stage vs raw img2dataset\n\n{settings}\n\n"

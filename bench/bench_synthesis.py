@@ -148,7 +148,8 @@ def main():
         "scenario": args.name, "images": args.images, "noise_steps": args.noise_steps, "noise_bn": last["bn"],
         "noise_agree": last["agree"], "kept_bn_at_0": kept.iloc[0]["bn"], "kept_agree_at_0": kept.iloc[0]["agree"],
         "kept_steps_to_noise_quality": needed,
-        "fewer_steps": round(args.noise_steps / needed, 1) if needed else None,
+        # 0: the kept images already beat noise's last step before any optimisation
+        "fewer_steps": None if needed is None else float("inf") if needed == 0 else round(args.noise_steps / needed, 1),
         "s_per_1000_images_per_step": round(float(noise["s_per_step_per_1000"].iloc[0]), 3)}])], ignore_index=True)
     atomic_write_bytes(summary_file, summary.to_csv(index=False, float_format="%.5g").encode())
     lines = ["# Synthesis: steps to quality, hybrid (kept web images) vs DeepInversion from noise", "",

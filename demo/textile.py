@@ -51,17 +51,17 @@ def defect_centre(pixels: np.ndarray) -> tuple[int, int]:
     return int(y), int(x)
 
 
-def tile(path: Path, local_defect: bool, rng: np.random.Generator) -> Image.Image:
-    """One TILE×TILE tile of an image: holding its local defect (up to a quarter tile off centre), or anywhere."""
+def tile(path: Path, local_defect: bool, rng: np.random.Generator, side: int = TILE) -> Image.Image:
+    """One side×side tile of an image: holding its local defect (up to a quarter tile off centre), or anywhere."""
     pixels = np.asarray(Image.open(path).convert("L"), np.float32)
     h, w = pixels.shape
     if local_defect:
         y, x = defect_centre(pixels)
-        y0, x0 = (int(np.clip(c - TILE // 2 + rng.integers(-TILE // 4, TILE // 4 + 1), 0, n - TILE))
+        y0, x0 = (int(np.clip(c - side // 2 + rng.integers(-side // 4, side // 4 + 1), 0, n - side))
                   for c, n in ((y, h), (x, w)))
     else:
-        y0, x0 = (int(v) for v in rng.integers(0, (h - TILE + 1, w - TILE + 1)))
-    return Image.fromarray(pixels[y0:y0 + TILE, x0:x0 + TILE].astype(np.uint8), "L")
+        y0, x0 = (int(v) for v in rng.integers(0, (h - side + 1, w - side + 1)))
+    return Image.fromarray(pixels[y0:y0 + side, x0:x0 + side].astype(np.uint8), "L")
 
 
 def build_private(folder: Path, seed: int) -> dict:

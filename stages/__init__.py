@@ -32,10 +32,20 @@ def distill_recipe(cfg) -> dict:
     return dict(vars(resolve(cfg.distill)))
 
 
+def crawl_side(cfg) -> dict | None:
+    """The stored side the crawl derives from the teacher when crawl.image_size is unset (a new teacher
+    input size makes the crawl stale)."""
+    if cfg.crawl.image_size:
+        return None
+    from stages.crawl.stage import stored_side
+
+    return {"image_size": stored_side(cfg)}
+
+
 STAGES = [
     StageSpec("crawl", "URL list → WebDataset shards with img2dataset, crawl manifest", upstream=(),
               sections={"data": DataConfig, "crawl": CrawlConfig}, module="stages.crawl.stage",
-              preflight="stages.crawl.stage:preflight",
+              preflight="stages.crawl.stage:preflight", derived=crawl_side,
               input_files=lambda cfg: [cfg.data.url_list] if cfg.data.source == "urls" else []),
     StageSpec("score", "teacher pseudo-labels, features, open_clip embeddings", upstream=("crawl",),
               sections={"teacher": TeacherConfig, "score": ScoreConfig}, module="stages.score.stage",

@@ -34,3 +34,14 @@ def test_a_student_file_is_data_a_planted_pickle_runs_no_code(tmp_path):
     with pytest.raises(UserError, match="cannot be read as weights-only torch data"):
         load_student(path)
     assert not marker.exists()
+
+
+def test_a_stem_stride_halves_the_side_the_blocks_work_at():
+    from stages.common.models import create_model
+
+    seen = {}
+    plain, strided = (create_model("resnet8", num_classes=3, in_chans=1, stem_stride=s) for s in (1, 2))
+    for name, net in (("plain", plain), ("strided", strided)):
+        net.layers[0].register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.shape[-1]}))
+        assert net(torch.zeros(2, 1, 96, 96)).shape == (2, 3)
+    assert seen == {"plain": 96, "strided": 48}

@@ -250,3 +250,18 @@ def test_sigkill_then_rerun_gives_each_success_exactly_once(small_web, slow_serv
     assert set(uids) == set(m.loc[m["status"] == "success", "uid"])
     stats = [json.loads(p.read_text()) for p in shards.glob("*_stats.json")]
     assert sum(s["count"] for s in stats) == len(sources)
+
+
+def test_the_stored_side_follows_the_teacher_unless_set(mnist_teacher):
+    from stages import STAGES
+    from stages.crawl.stage import CRAWL_ONLY_SIDE, stored_side
+
+    crawl = next(s for s in STAGES if s.name == "crawl")
+    follows = load_config(None, mnist_teacher)  # teacher.input_size 28, crawl.image_size unset
+    assert stored_side(follows) == 28 and crawl.derived(follows) == {"image_size": 28}
+    assert load_config(None, mnist_teacher).crawl.resize_mode == "center_crop"
+    fixed = load_config(None, [*mnist_teacher, "crawl.image_size=48"])
+    assert stored_side(fixed) == 48 and crawl.derived(fixed) is None
+    other_teacher = load_config(None, [*mnist_teacher, "teacher.input_size=32"])
+    assert crawl.fingerprint(other_teacher) != crawl.fingerprint(follows)  # a new teacher side re-crawls
+    assert stored_side(load_config(None, [])) == CRAWL_ONLY_SIDE  # a crawl on its own, no teacher

@@ -565,4 +565,6 @@ def test_the_report_warns_of_a_dominant_pseudo_class_and_classes_left_with_few_i
     assert warnings_of(balanced) == []
     coverage = class_coverage(summary).set_index("class")
     assert coverage.loc["7", "pool share"] == "63.0%" and coverage.loc["9", "kept"] == 0
-    assert coverage["note"].tolist() == ["", "⚠ few", "⚠ few"]
+    assert coverage["note"].tolist() == ["", "⚠ few", "⚠ few"] and "synthesised" not in coverage
+    filled = class_coverage(summary, {"7": 40, "8": 40, "9": 40}).set_index("class")  # synthesis fills the gaps
+    assert filled.loc["9", "synthesised"] == 40 and filled.loc["9", "kept"] == 0

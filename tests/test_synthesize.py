@@ -6,6 +6,7 @@ synthetic rows, a teacher without BatchNorm is refused before anything runs."""
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,7 @@ def test_distill_learns_from_the_synthetic_rows_joined_on_uid(upstream, small_we
     assert json.loads((run_dir / "distill" / "summary.json").read_text())["transfer_set"] == 20
     report = (run_dir / "report" / "report.md").read_text()
     assert "## Synthesize" in report and "20 images optimised from Gaussian noise" in report
+    assert re.search(r"\|\s+synthesised\s+\|", report)  # the class-coverage table shows what synthesis added
     assert "![synthesis](plots/synthesis.png)" in report and (run_dir / "report" / "plots" / "synthesis.png").is_file()
 
 

@@ -26,8 +26,11 @@ class DataConfig:
 class CrawlConfig:
     """img2dataset settings of the crawl stage (names as in img2dataset.download)."""
 
-    image_size: int = opt(64, "side of the stored images, in pixels", valid="> 0")
-    resize_mode: str = opt("border", "how images are fitted to image_size",
+    image_size: int | None = opt(None, "side of the stored images, in pixels; null: the teacher's input side "
+                                 "(teacher.input_size, else what its spec or architecture says; 64 with no teacher configured)",
+                                 valid="> 0")
+    resize_mode: str = opt("center_crop", "how images are fitted to image_size (center_crop: the centred square, "
+                           "as the teacher's and the student's transforms take it; border pads with white)",
                            choices=("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"))
     processes_count: int = opt(2, "download processes (use the number of cores)", valid="> 0")
     thread_count: int = opt(32, "download threads per process", valid="> 0")

@@ -193,7 +193,23 @@ def _check_distributor(distributor: str) -> None:
                         "then start its cluster before the crawl (see README, 'Crawling on many machines')")
 
 
-def _download_args(cfg: CrawlConfig, urls: Path, shards: Path, has_caption: bool) -> dict:
+CRAWL_ONLY_SIDE = 64  # the stored side of a crawl run on its own, with no teacher configured
+
+
+def stored_side(cfg) -> int:
+    """The side of the stored images: crawl.image_size, else the teacher's input side."""
+    if cfg.crawl.image_size:
+        return cfg.crawl.image_size
+    if cfg.teacher.input_size:
+        return cfg.teacher.input_size
+    if not (cfg.teacher.arch or cfg.teacher.checkpoint or cfg.teacher.spec_file):
+        return CRAWL_ONLY_SIDE
+    from stages.common.teacher import check_teacher  # the architecture's own size (timm, open_clip)
+
+    return check_teacher(cfg.teacher).input_size
+
+
+def _download_args(cfg: CrawlConfig, urls: Path, shards: Path, has_caption: bool, image_size: int) -> dict:
     _check_distributor(cfg.distributor)
     extra = dict(cfg.img2dataset_args)
     known = set(inspect.signature(download).parameters)
@@ -207,7 +223,7 @@ def _download_args(cfg: CrawlConfig, urls: Path, shards: Path, has_caption: bool
         caption_col="caption" if has_caption else None, save_additional_columns=["uid"],
         output_folder=str(shards), output_format="webdataset", incremental_mode="incremental",
         compute_hash="sha256", enable_wandb=False, extract_exif=False,
-        image_size=cfg.image_size, resize_mode=cfg.resize_mode, processes_count=cfg.processes_count,
+        image_size=image_size, resize_mode=cfg.resize_mode, processes_count=cfg.processes_count,
         thread_count=cfg.thread_count, number_sample_per_shard=cfg.number_sample_per_shard,
         timeout=cfg.timeout, retries=cfg.retries, encode_format=cfg.encode_format,
         encode_quality=cfg.encode_quality, min_image_size=cfg.min_image_size,
@@ -253,7 +269,7 @@ def preflight(cfg) -> None:
         read_url_list(cfg.data)
     else:
         _list_folder(cfg.data)
-    _download_args(cfg.crawl, Path("urls.parquet"), Path("shards"), False)
+    _download_args(cfg.crawl, Path("urls.parquet"), Path("shards"), False, stored_side(cfg))
     if cfg.data.serve_folder and not Path(cfg.data.serve_folder).is_dir():
         raise UserError(f"data.serve_folder {cfg.data.serve_folder} is not a folder (the demo web is built by "
                         "`make demo-data`)")
@@ -274,7 +290,7 @@ def run(cfg, run_dir: RunDir) -> dict:
              f"{info['empty_urls']:,}", f"{info['duplicate_urls']:,}", f"{info['refused_scheme']:,}",
              f"{len(urls):,}", expected, len(done_before), cfg.crawl.processes_count, cfg.crawl.thread_count)
 
-    args = _download_args(cfg.crawl, out / "urls.parquet", shards, urls["caption"].notna().any())
+    args = _download_args(cfg.crawl, out / "urls.parquet", shards, urls["caption"].notna().any(), stored_side(cfg))
     serving = serve_folder(cfg.data.serve_folder, cfg.data.serve_port) if cfg.data.serve_folder else nullcontext()
     t0 = time.time()
     with serving, guarded_downloads(allowed_schemes(cfg), int(cfg.crawl.max_download_mb * (1 << 20)),

@@ -207,14 +207,27 @@ def _pseudo_classes(filter_summary: dict) -> tuple[dict, dict]:
     return histogram.get("before", {}), histogram.get("after", {})
 
 
-def class_coverage(filter_summary: dict) -> pd.DataFrame:
+def class_coverage(filter_summary: dict, synthesised: dict | None = None) -> pd.DataFrame:
     """Per class: the pool's images the teacher gives that label (count, share) and how many the filter
-    kept, a mark where it kept fewer than FEW_KEPT."""
+    kept, a mark where it kept fewer than FEW_KEPT; with ``synthesised`` (class → images synthesised toward
+    it), that count too."""
     before, after = _pseudo_classes(filter_summary)
     pool, kept = max(sum(before.values()), 1), max(sum(after.values()), 1)
-    return pd.DataFrame([{"class": name, "pool (pseudo-label)": n, "pool share": f"{100 * n / pool:.1f}%",
-                          "kept": after.get(name, 0), "kept share": f"{100 * after.get(name, 0) / kept:.1f}%",
-                          "note": "⚠ few" if after.get(name, 0) < FEW_KEPT else ""} for name, n in before.items()])
+    table = pd.DataFrame([{"class": name, "pool (pseudo-label)": n, "pool share": f"{100 * n / pool:.1f}%",
+                           "kept": after.get(name, 0), "kept share": f"{100 * after.get(name, 0) / kept:.1f}%",
+                           "note": "⚠ few" if after.get(name, 0) < FEW_KEPT else ""} for name, n in before.items()])
+    if synthesised:
+        table.insert(5, "synthesised", [synthesised.get(name, 0) for name in before])
+    return table
+
+
+def _synthesised(run_dir: RunDir) -> dict | None:
+    """Images synthesised toward each class (by name), or None when synthesize wrote none."""
+    summary = _optional(run_dir, SYNTHESIS_SUMMARY)
+    if not summary or not summary["images"]:
+        return None
+    names = run_dir.read(TEACHER_INFO)["class_names"]
+    return {names[int(c)]: n for c, n in summary["target_counts"].items()}
 
 
 def warnings_of(filter_summary: dict | None) -> list[str]:
@@ -259,8 +272,9 @@ def build(cfg, run_dir: RunDir, out: Path) -> str:
         md += ["## Filter", "", "```", run_dir.read(FILTER_SUMMARY_TEXT).read_text().strip(), "```", ""]
         filter_summary = _optional(run_dir, FILTER_SUMMARY)
         if filter_summary:
-            md += ["Class coverage: what the teacher calls each class in the scored pool, and what the filter "
-                   "kept of it.", "", _table(class_coverage(filter_summary)), ""]
+            md += ["Class coverage: what the teacher calls each class in the scored pool, what the filter "
+                   "kept of it (and what synthesize made toward it).", "",
+                   _table(class_coverage(filter_summary, _synthesised(run_dir))), ""]
         for name in ("classes", "similarity", "confidence", "weights"):
             source = run_dir.path(FILTER_PLOTS) / f"{name}.png"
             if source.is_file():
