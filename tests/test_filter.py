@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from manifests import SCORE, SELECTION, read_manifest, write_manifest
 from pipeline.config import load_config
@@ -261,3 +262,21 @@ def test_bn_stats_without_a_classifier_has_no_classes(tmp_path):
     assert truth[selection["keep"].to_numpy()].mean() >= 0.95
     with pytest.raises(UserError, match="require_agreement needs a reference with classes"):
         run_filter(run_dir, "filter.require_agreement=true")
+
+
+@pytest.mark.parametrize("reference,needs", [("bn_stats", "a BatchNorm layer feeding its features"),
+                                             ("bn_layers", "a BatchNorm layer")])
+def test_a_reference_the_teacher_cannot_give_is_refused_before_anything_runs(reference, needs, tmp_path):
+    from pipeline.config import load_config
+    from stages.filter.stage import preflight
+    from tests.test_synthesize import NoBatchNorm
+
+    torch.save(NoBatchNorm().state_dict(), tmp_path / "net.pt")
+    cfg = load_config(None, ["teacher.format=entrypoint", "teacher.arch=tests.test_synthesize:NoBatchNorm",
+                             f"teacher.checkpoint={tmp_path / 'net.pt'}", "teacher.input_size=28",
+                             "teacher.channels=1", "teacher.class_names=[a, b, c, d, e, f, g, h, i, j]",
+                             f"filter.reference={reference}"])
+    with pytest.raises(UserError, match=f"filter.reference {reference} needs {needs}, which the teacher"):
+        preflight(cfg)
+    with pytest.raises(UserError, match="set score.bn_distance: true"):
+        preflight(load_config(None, ["filter.reference=bn_layers", "score.bn_distance=false"]))

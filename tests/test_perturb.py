@@ -48,7 +48,8 @@ def test_each_perturbation_is_its_source_mixed_with_the_manifest_partner_and_lam
     for name in mixes:
         uid = name.split(".")[0]
         source = image_array(files[f"{uid}.jpg"])
-        assert np.allclose(source.reshape(3, -1).mean(1), stats["mean"][position[uid]], atol=1e-5)
+        # float32 means of 4,096 pixels summed in another order differ by up to ~2e-5; another image by > 1e-3
+        assert np.allclose(source.reshape(3, -1).mean(1), stats["mean"][position[uid]], atol=1e-4)
         row = manifest.loc[uid]
         j = position[row["partner_uid"]]
         expected = perturb_image(source, stats["mean"][j], stats["std"][j], row["lam"])

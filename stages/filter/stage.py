@@ -551,13 +551,13 @@ def preflight(cfg) -> None:
     if cfg.filter.diagnostics_sources:
         read_sources(cfg.filter.diagnostics_sources)
     reference = cfg.filter.reference
+    if reference == "bn_layers" and not cfg.score.bn_distance:
+        raise UserError("filter.reference bn_layers reads score/bn_distance.npy: set score.bn_distance: true")
     if reference in ("bn_stats", "bn_layers", "prototypes"):
         from stages.common.batchnorm import batchnorm_layers
         from stages.common.teacher import check_teacher
 
         teacher = check_teacher(cfg.teacher)
-        if reference == "bn_layers" and not cfg.score.bn_distance:
-            raise UserError("filter.reference bn_layers reads score/bn_distance.npy: set score.bn_distance: true")
         lacking = {"bn_stats": teacher.feature_prior is None and "a BatchNorm layer feeding its features",
                    "bn_layers": not batchnorm_layers(teacher.model) and "a BatchNorm layer",
                    "prototypes": teacher.classifier is None and "a linear classifier on its features"}[reference]
