@@ -14,7 +14,7 @@ pixels) are measured:
 Steps-to-quality: the fewest hybrid steps whose ``bn`` is at most noise's at its last step while ``agree`` is
 at least noise's. Reported with the seconds per step per 1,000 images.
 
-    python bench/bench_synthesis.py [--config configs/demo.yaml] [--name digits]
+    python bench/bench_synthesis.py [--config configs/demo.yaml] [--name digits] [--set synthesize.bn_weight=1]
 
 Writes (replacing the scenario's rows) bench/results/synthesis_steps.{csv,md} and synthesis_steps_<name>.png.
 """
@@ -105,9 +105,11 @@ def main():
     parser.add_argument("--images", type=int, default=128, help="images per batch (one batch per start)")
     parser.add_argument("--noise-steps", type=int, default=2000)
     parser.add_argument("--kept-steps", type=int, default=400)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override (e.g. synthesize.bn_weight=0.1); name such a run with --name")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = load_config(args.config, ["synthesize.start=kept", f"synthesize.images={args.images}"])
+    cfg = load_config(args.config, [*args.set, "synthesize.start=kept", f"synthesize.images={args.images}"])
     run_stages(cfg, STAGES, only=["crawl", "score", "filter"])  # skipped when done
     run, teacher = RunDir(cfg.run_dir), load_teacher(cfg.teacher)
     for p in teacher.model.parameters():

@@ -12,7 +12,7 @@ class SynthesizeConfig:
 
     start: str = opt("none", "none: no synthesis; noise: DeepInversion from Gaussian noise (the data-free peers' "
                      "transfer set); kept: the hybrid, each kept web image refined toward the teacher's "
-                     "statistics (far fewer steps)", choices=("none", "noise", "kept"))
+                     "statistics (fewer steps: 200 by default)", choices=("none", "noise", "kept"))
     images: int = opt(0, "images to synthesise; 0: 1,000 from noise, every kept image for kept", valid=">= 0")
     targets: str = opt("balanced", "the class each image is optimised toward. balanced: equal counts per class "
                        "(from noise: cycling through the classes; kept: the teacher's pseudo-label, except that "
