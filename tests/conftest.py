@@ -149,5 +149,25 @@ def fresh(upstream: Path, dest: Path) -> Path:
     return dest
 
 
+def kill_stage_when(stage: str, config_file: Path, appears: Path, limit_s: float = 300) -> None:
+    """Run ``webdistill <stage> <config_file>`` in a subprocess and SIGKILL it as soon as ``appears``
+    exists (a safety limit of ``limit_s`` seconds, far above the slowest run seen): a kill part-way."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", stage, str(config_file)], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + limit_s
+    while not appears.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"{stage} ended before {appears} appeared"
+
+
 def student_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "distill" / "student.pt", weights_only=False)["state_dict"]

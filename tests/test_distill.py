@@ -9,10 +9,8 @@ chance on the private test split; the report is one self-contained page.
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -29,7 +27,7 @@ from stages.distill.data import (
     every_nth_per_shard,
     rank_shards,
 )
-from tests.conftest import REPO, config, free_port, fresh, student_weights
+from tests.conftest import REPO, config, free_port, fresh, kill_stage_when, student_weights
 
 # ---------------------------------------------------------------- data plan
 
@@ -135,16 +133,7 @@ def test_kill_9_then_resume_gives_the_same_weights(upstream, small_web, mnist_te
     cfg = config(small_web, killed, mnist_teacher, private, *settings)
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(dump_yaml(cfg))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "distill", str(config_file)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = killed / "distill.partial" / "checkpoints" / "epoch_002.pt"  # built there until complete
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_stage_when("distill", config_file, killed / "distill.partial" / "checkpoints" / "epoch_002.pt", limit_s=120)
     assert not (killed / "distill" / "_SUCCESS.json").exists() and not (killed / "distill" / "student.pt").exists()
 
     run_stages(cfg, STAGES, only=["distill"])

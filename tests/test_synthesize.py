@@ -207,32 +207,17 @@ def test_the_hybrid_starts_from_the_kept_images_it_names(upstream, small_web, mn
 
 def test_a_synthesis_killed_part_way_resumes_to_the_same_shards(upstream, small_web, mnist_teacher, private,
                                                                 tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from pipeline.config import dump_yaml
     from pipeline.runner import run_stages
     from stages import STAGES
-    from tests.conftest import REPO, config, fresh
+    from tests.conftest import config, fresh, kill_stage_when
 
     settings = [*SYNTH, "synthesize.start=noise", "synthesize.images=48", "synthesize.steps=150"]
     straight, _ = synthesized(upstream, tmp_path / "a", small_web, mnist_teacher, private, *settings[3:])
     killed = fresh(upstream, tmp_path / "killed")
     cfg = config(small_web, killed, mnist_teacher, private, *settings)
     (tmp_path / "killed.yaml").write_text(dump_yaml(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "synthesize", str(tmp_path / "killed.yaml")], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    first = killed / "synthesize.partial" / "shards" / "00000.tar"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_stage_when("synthesize", tmp_path / "killed.yaml", killed / "synthesize.partial" / "shards" / "00000.tar")
     # the finished synthesis (none) stays in place until the new one is complete
     assert json.loads((killed / "synthesize" / "_SUCCESS.json").read_text())["counts"]["images"] == 0
     assert not (killed / "synthesize.partial" / "shards" / "00002.tar").exists()  # killed part-way
