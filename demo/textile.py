@@ -3,8 +3,8 @@
 The private data come from the 2,000 simulated textile images of the ``conformal-clip-data`` package (MIT;
 250×250 grey, 1,000 nominal, 500 with a local defect, 500 with a global defect). Inspection works on patches at
 the camera's native resolution: a local defect is a cluster of a few extreme pixels about 8 px across, which
-any downscaling of the whole image averages away (a teacher on whole images resized to 64, 96 or 128 px
-found none of them). So each image gives one TILE×TILE tile at native resolution — around the defect for a
+any downscaling of the whole image averages away (a teacher on whole images resized to 64 or 128 px finds
+2% and 19% of them). So each image gives one TILE×TILE tile at native resolution — around the defect for a
 local defect (found as the densest cluster of pixels far from their 3×3 median), anywhere otherwise — split
 stratified into train / val / test shards like the digit demo's. The web pool is what a crawl for "fabric texture" returns: procedurally
 generated fabric-like textures (oriented band-limited noise; some with a planted speck or a changed grain,
@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline.errors import UserError
 
 CLASSES = ["nominal", "local_defect", "global_defect"]
-TILE = 96  # the smallest tile at which the teacher tells the classes apart well (97.6%; 64 px: 91%)
+TILE = 96  # chosen on the val split: 97.5% (64 px tiles: 95.0%; bench/results/textile_teacher.md)
 _FOLDERS = {"nominal": "nominal", "local_defect": "local", "global_defect": "global"}
 SPLITS = {"test": 500, "val": 200}  # the rest (1,300) is train
 
