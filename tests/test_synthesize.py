@@ -212,7 +212,7 @@ def test_a_synthesis_killed_part_way_resumes_to_the_same_shards(upstream, small_
     from stages import STAGES
     from tests.conftest import config, fresh, kill_stage_when
 
-    settings = [*SYNTH, "synthesize.start=noise", "synthesize.images=48", "synthesize.steps=150"]
+    settings = [*SYNTH, "synthesize.start=noise", "synthesize.images=48", "synthesize.steps=50"]
     straight, _ = synthesized(upstream, tmp_path / "a", small_web, mnist_teacher, private, *settings[3:])
     killed = fresh(upstream, tmp_path / "killed")
     cfg = config(small_web, killed, mnist_teacher, private, *settings)

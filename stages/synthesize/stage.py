@@ -218,14 +218,17 @@ def _save_array(path: Path, array: np.ndarray) -> None:
 
 # ---------------------------------------------------------------- the stage
 
-def preflight(cfg) -> None:
+def require_batchnorm(teacher: Teacher, start: str) -> None:
     """Synthesis needs a teacher whose BatchNorm layers keep running statistics."""
+    if not batchnorm_layers(teacher.model):
+        raise UserError(f"synthesize.start {start}: the teacher ({teacher.description}) has no BatchNorm layer "
+                        "with running statistics, which DeepInversion matches; set synthesize.start: none (a "
+                        "TorchScript teacher: give its state_dict and spec instead)")
+
+
+def preflight(cfg) -> None:
     if cfg.synthesize.start != "none":
-        teacher = check_teacher(cfg.teacher)
-        if not batchnorm_layers(teacher.model):
-            raise UserError(f"synthesize.start {cfg.synthesize.start}: the teacher ({teacher.description}) has no "
-                            "BatchNorm layer with running statistics, which DeepInversion matches; set "
-                            "synthesize.start: none (a TorchScript teacher: give its state_dict and spec instead)")
+        require_batchnorm(check_teacher(cfg.teacher), cfg.synthesize.start)
 
 
 def _write_none(run_dir: RunDir) -> dict:
@@ -245,7 +248,7 @@ def run(cfg, run_dir: RunDir) -> dict:
         return _write_none(run_dir)
     out, device = run_dir.stage_dir("synthesize"), devices.pick_device(settings.device)
     teacher = load_teacher(cfg.teacher, device)
-    preflight(cfg)
+    require_batchnorm(teacher, settings.start)
     for p in teacher.model.parameters():
         p.requires_grad_(False)  # only the pixels learn
     inversion, crawl_dir = inversion_settings(settings), run_dir.path(CRAWL_FOLDER)
