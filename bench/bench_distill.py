@@ -58,7 +58,7 @@ def throughput(cfg, run: RunDir, epochs: int) -> dict:
     settings, recipe = cfg.distill, resolve(cfg.distill)
     device = devices.pick_device(settings.device)
     teacher = load_teacher(cfg.teacher, device)
-    data, kept, logits, _ = transfer_set(run)
+    data, kept, logits, _ = transfer_set(run, with_features=False)
     model, _, _ = build_model(settings, recipe, teacher, None)
     trainer = Trainer(settings, recipe, teacher, model.to(device), sample_weights(recipe, kept, logits), logits,
                       None, None, device)

@@ -77,12 +77,12 @@ def _shards(run_dir: RunDir, folder, counts, inventory) -> dict[str, int]:
     return {str(run_dir.path(folder) / s): n for s, n in counts.items()}
 
 
-def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web"
-                 ) -> tuple[TransferSet, pd.DataFrame, np.ndarray, np.ndarray]:
+def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web", with_features: bool = True
+                 ) -> tuple[TransferSet, pd.DataFrame, np.ndarray, np.ndarray | None]:
     """The shards the student learns from (``which``: web, synthetic or both), the samples' rows (uid,
     filter weight, pseudo-label; web rows first, in selection order, then synthetic ones) and the teacher's
     cached logits and features of each row (joined on uid): row i of every per-sample array distill holds
-    belongs to row i of the frame."""
+    belongs to row i of the frame. The features are read only ``with_features`` (None otherwise)."""
     shards, parts, logits, features = {}, [], [], []
     if which in ("web", "both"):
         shards |= _shards(run_dir, PERTURB_FOLDER, PERTURB_COUNTS, PERTURB_INVENTORY)
@@ -90,7 +90,8 @@ def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web"
         kept = selection[selection["keep"]]
         parts.append(kept[["uid", "weight", "pseudo_label"]])
         logits.append(run_dir.rows(LOGITS, kept["uid"]))
-        features.append(run_dir.rows(FEATURES, kept["uid"]))
+        if with_features:
+            features.append(run_dir.rows(FEATURES, kept["uid"]))
     if which in ("synthetic", "both"):
         synthetic = run_dir.read(SYNTHESIS_MANIFEST, columns=["uid", "pseudo_label"])
         if which == "synthetic" and synthetic.empty:
@@ -100,10 +101,12 @@ def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web"
             shards |= _shards(run_dir, SYNTHESIS_FOLDER, SYNTHESIS_COUNTS, SYNTHESIS_INVENTORY)
             parts.append(synthetic.assign(weight=np.float32(1.0))[["uid", "weight", "pseudo_label"]])
             logits.append(run_dir.rows(SYNTHESIS_LOGITS, synthetic["uid"]))
-            features.append(run_dir.rows(SYNTHESIS_FEATURES, synthetic["uid"]))
+            if with_features:
+                features.append(run_dir.rows(SYNTHESIS_FEATURES, synthetic["uid"]))
     rows = pd.concat(parts, ignore_index=True)
     data = TransferSet(shards, dict(zip(rows["uid"], rows.index)), split)
-    return data, rows, np.concatenate(logits), np.concatenate([f.astype(np.float32) for f in features])
+    return data, rows, np.concatenate(logits), \
+        np.concatenate([f.astype(np.float32) for f in features]) if with_features else None
 
 
 def sample_weights(recipe: Recipe, kept: pd.DataFrame, logits: np.ndarray) -> torch.Tensor:
@@ -324,13 +327,12 @@ def run(cfg, run_dir: RunDir) -> dict:
     device = devices.pick_device(settings.device)
     log.info("distill: %s student, preset %s (%s), on %s", settings.student, settings.preset, describe(recipe), device)
     teacher = load_teacher(cfg.teacher, device)
-    data, kept, logits, features = transfer_set(run_dir, settings.split, settings.transfer_set)
+    data, kept, logits, features = transfer_set(run_dir, settings.split, settings.transfer_set,
+                                                bool({"teacher_features", "autoencoder"} & methods.needs(recipe)))
     if recipe.perturbation == "offline" and any(Path(s).parent.parent.name == "synthesize" for s in data.counts):
         raise UserError(f"distill: preset {settings.preset} reads perturb's MixDistribution images (perturbation "
                         "offline), which synthesised images do not have; set distill.transfer_set: web or "
                         "distill.perturbation: online")
-    if not {"teacher_features", "autoencoder"} & methods.needs(recipe):
-        features = None
     model, autoencoder, ae_history = build_model(settings, recipe, teacher, features)
     model.to(device)
     if autoencoder is not None:
