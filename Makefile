@@ -56,9 +56,8 @@ status: setup  ## show which stages of runs/demo are done, stale or missing
 test: setup  ## run the test suite
 	$(PY) -m pytest -q
 
-bench: teacher  ## methods × 3 seeds on the demo web (bench/results/methods.md), then the stage benchmarks
+bench: teacher  ## methods × 5 seeds on the scenario's web (bench/results/methods.md; textile: bench/results/textile/), ≤ 1 h each
 	$(WD) bench $(CONFIG)
-	$(MAKE) --no-print-directory bench-stages
 
 bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, filter vs brute-force kNN, distill vs in-memory loop
 	$(PY) bench/bench_crawl.py --config $(CONFIG)

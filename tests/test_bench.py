@@ -100,8 +100,10 @@ def test_ablation_table_reads_each_change_from_its_method_and_skips_what_did_not
     from bench.methods import ablation_table, summarize
 
     top1 = {"webdistill": [0.90, 0.92], "pool_kd": [0.50, 0.56], "kd3_ipw": [0.88, 0.88], "random_kd": [0.3, 0.3]}
-    runs = pd.DataFrame([{"method": m, "seed": s, "student_top1": v, "student_macro_recall": v, "student_ece": 0.0,
-                          "transfer_set": 10, "epochs": 1, "kept_precision": None, "distill_s": 1.0}
+    val = {"webdistill": [0.8, 0.8], "pool_kd": [0.9, 0.9], "kd3_ipw": [0.7, 0.7], "random_kd": [np.nan, np.nan]}
+    runs = pd.DataFrame([{"method": m, "seed": s, "student_top1": v, "student_val_top1": val[m][s],
+                          "student_macro_recall": v, "student_ece": 0.0, "transfer_set": 10, "epochs": 1,
+                          "kept_precision": None, "distill_s": 1.0}
                          for m, values in top1.items() for s, v in enumerate(values)])
     table = ablation_table(summarize(runs)).set_index("method")
     assert list(table.index) == ["webdistill", "pool_kd", "kd3_ipw"]  # in COMPONENTS order; random_kd is no change
@@ -111,6 +113,29 @@ def test_ablation_table_reads_each_change_from_its_method_and_skips_what_did_not
     assert table.loc["pool_kd", "delta_in_pooled_std"] == pytest.approx((0.53 - 0.91) / pooled)
     assert table.loc["webdistill", "delta_vs_webdistill"] == 0
     assert ablation_table(summarize(runs[runs["method"] != "webdistill"])).empty
+
+
+def test_the_paired_test_and_the_choice_on_validation_by_hand():
+    from bench.methods import chosen_on_validation, goal_check, paired_test, summarize
+
+    test = {"webdistill": [0.90, 0.92, 0.95], "pool_kd": [0.50, 0.56, 0.53], "upper_bound": [0.95, 0.95, 0.96]}
+    val = {"webdistill": [0.8, 0.8, 0.8], "pool_kd": [0.9, 0.9, 0.9], "upper_bound": [1.0, 1.0, 1.0]}
+    runs = pd.DataFrame([{"method": m, "seed": s, "student_top1": v, "student_val_top1": val[m][s],
+                          "student_macro_recall": v, "student_ece": 0.0, "transfer_set": 10, "epochs": 1,
+                          "kept_precision": None, "distill_s": 1.0}
+                         for m, values in test.items() for s, v in enumerate(values)])
+    paired = paired_test(runs, "webdistill", "pool_kd")
+    diff = np.array([0.40, 0.36, 0.42])  # per seed
+    assert paired["mean"] == pytest.approx(diff.mean())
+    assert paired["ci95"] == pytest.approx(4.302653 * diff.std(ddof=1) / np.sqrt(3), rel=1e-5)  # t(0.975, 2 dof)
+    assert paired["p"] < 0.01
+    summary = summarize(runs)
+    # chosen on the validation split, where pool_kd is better, although webdistill wins on the test split
+    assert chosen_on_validation(summary, ["webdistill", "pool_kd"]) == "pool_kd"
+    assert chosen_on_validation(summary, ["nothing"]) is None
+    lines = goal_check(summary, runs)
+    assert "96.9% of the upper bound" in lines[0] and lines[0].endswith(": met")  # 92.33 / 95.33
+    assert "pool_kd" in lines[1] and "(goal > 2): met" in lines[1] and "paired over 3 seeds" in lines[1]
 
 
 def test_filter_scores_are_compared_against_the_true_sources(upstream, small_web, tmp_path):

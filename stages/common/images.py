@@ -7,6 +7,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import webdataset as wds
 from PIL import Image
 
 from manifests import IMAGE_KEYS
@@ -18,6 +20,21 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 def image_key(sample: dict) -> str | None:
     """The member of a WebDataset sample that holds its image (jpg, jpeg, png, webp), or None."""
     return next((k for k in IMAGE_KEYS if k in sample), None)
+
+
+def images_with_keys(shard: Path, keys: set[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of the samples of ``shard`` whose key is in ``keys``."""
+    for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
+        if sample["__key__"] in keys and (ext := image_key(sample)) is not None:
+            yield sample["__key__"], ext, sample[ext]
+
+
+def encode_image(pixels: np.ndarray, fmt: str) -> bytes:
+    """An (h, w, channels) uint8 array as PNG or JPEG (quality 95) bytes; one channel is stored grey."""
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    image.save(buffer, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), **({"quality": 95} if fmt != "png" else {}))
+    return buffer.getvalue()
 
 
 def is_image_member(name: str) -> bool:

@@ -3,7 +3,8 @@
 Reads   manifests.artifacts STUDENT (distill/student.pt); the teacher (cfg.teacher); the test set cfg.evaluate.test_set:
         WebDataset shards whose samples carry an image and a ``.cls`` label, or a folder with one
         subfolder per class (named as the teacher's class names, or sorted in class order)
-Writes  RUN/evaluate/metrics.json       top-1, macro recall, ECE, teacher–student agreement, both models
+Writes  RUN/evaluate/metrics.json       top-1, macro recall, ECE, teacher–student agreement, both models;
+                                        top-1 on cfg.evaluate.val_set when set (for choosing settings)
         RUN/evaluate/per_class.csv      recall of each class, both models
         RUN/evaluate/predictions.parquet  label and both predictions per test image
         RUN/evaluate/confusion.png      confusion matrices of teacher and student
@@ -182,8 +183,19 @@ def check_labels(labels: np.ndarray, spec: str, classes: int) -> np.ndarray:
 
 
 def preflight(cfg) -> None:
-    """The test set exists and its classes are the teacher's."""
-    test_labels(_test_set(cfg.evaluate), check_teacher(cfg.teacher).class_names)
+    """The test set (and the validation set, if any) exists and its classes are the teacher's."""
+    names = check_teacher(cfg.teacher).class_names
+    test_labels(_test_set(cfg.evaluate), names)
+    if cfg.evaluate.val_set:
+        test_labels(cfg.evaluate.val_set, names)
+
+
+def validation(models: dict, spec: str, teacher, batch_size: int, device: torch.device) -> dict:
+    """Top-1 of each model on the validation set."""
+    _, labels, logits = predict(models, test_images(spec, teacher.class_names), teacher.transform, batch_size, device)
+    check_labels(labels, spec, len(teacher.class_names))
+    return {"val_set": spec, "images": len(labels),
+            **{f"{name}_top1": float((v.argmax(1) == labels).mean()) for name, v in logits.items()}}
 
 
 def run(cfg, run_dir: RunDir) -> dict:
@@ -198,10 +210,13 @@ def run(cfg, run_dir: RunDir) -> dict:
                                    test_images(settings.test_set, names), teacher.transform, settings.batch_size,
                                    device)
     check_labels(labels, settings.test_set, len(names))
+    val = validation({"teacher": teacher.model, "student": student}, settings.val_set, teacher, settings.batch_size,
+                     device) if settings.val_set else None
     metrics = {name: classification_metrics(v, labels, len(names), settings.ece_bins) for name, v in logits.items()}
     agreement = float((logits["teacher"].argmax(1) == logits["student"].argmax(1)).mean())
     result = {"test_set": settings.test_set, "images": len(labels), "class_names": names, **metrics,
-              "agreement": agreement, "student_over_teacher": metrics["student"]["top1"] / max(metrics["teacher"]["top1"], 1e-9)}
+              "agreement": agreement, "student_over_teacher": metrics["student"]["top1"] / max(metrics["teacher"]["top1"], 1e-9),
+              "validation": val}
     per_class = pd.DataFrame({"class": names, "test_images": np.bincount(labels, minlength=len(names)),
                               "teacher_recall": metrics["teacher"]["per_class_recall"],
                               "student_recall": metrics["student"]["per_class_recall"]})
@@ -222,4 +237,5 @@ def run(cfg, run_dir: RunDir) -> dict:
     return {"test_images": len(labels), "teacher_top1": round(metrics["teacher"]["top1"], 4),
             "student_top1": round(metrics["student"]["top1"], 4),
             "student_macro_recall": round(metrics["student"]["macro_recall"], 4),
-            "student_ece": round(metrics["student"]["ece"], 4), "timings": {"total_s": round(time.time() - t0, 2)}}
+            "student_ece": round(metrics["student"]["ece"], 4),
+            **({"student_val_top1": round(val["student_top1"], 4)} if val else {}), "timings": {"total_s": round(time.time() - t0, 2)}}

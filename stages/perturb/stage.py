@@ -50,7 +50,7 @@ from manifests.artifacts import (
 )
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
-from stages.common.images import image_key
+from stages.common.images import encode_image, images_with_keys
 from stages.common.mixing import channel_stats, mix_distribution
 from stages.common.progress import progress
 from stages.perturb.config import PerturbConfig
@@ -70,13 +70,6 @@ def perturb_image(pixels: np.ndarray, partner_mean: np.ndarray, partner_std: np.
     mixed = mix_distribution(torch.from_numpy(pixels)[None], torch.from_numpy(partner_mean)[None],
                              torch.from_numpy(partner_std)[None], torch.tensor([lam]))
     return mixed[0].clamp(0, 1).numpy()
-
-
-def encode(pixels: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image = Image.fromarray((pixels.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8))
-    image.save(buffer, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), **({"quality": 95} if fmt != "png" else {}))
-    return buffer.getvalue()
 
 
 def draw_partners(labels: np.ndarray, variants: int, how: str, alpha: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,19 +103,10 @@ def draw_partners(labels: np.ndarray, variants: int, how: str, alpha: float, see
 
 # ---------------------------------------------------------------- passes over the shards
 
-def _kept_images(shard: Path, keys: set[str]):
-    """(key, extension, bytes) of the samples of ``shard`` whose key is in ``keys``."""
-    for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
-        if sample["__key__"] in keys:
-            ext = image_key(sample)
-            if ext is not None:
-                yield sample["__key__"], ext, sample[ext]
-
-
 def shard_stats(shard: Path, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Pass 1 for one crawl shard: key → (channel means, channel stds)."""
     out = {}
-    for key, _, data in _kept_images(shard, set(keys)):
+    for key, _, data in images_with_keys(shard, set(keys)):
         mean, std = channel_stats(torch.from_numpy(image_array(data))[None])
         out[key] = (mean[0].numpy(), std[0].numpy())
     return out
@@ -135,7 +119,7 @@ def write_shard(shard: Path, out: Path, jobs: pd.DataFrame, fmt: str) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     written = 0
     with wds.TarWriter(str(tmp), mtime=0) as sink:  # a fixed member time: the same seed gives the same bytes
-        for key, ext, data in _kept_images(shard, set(by_key)):
+        for key, ext, data in images_with_keys(shard, set(by_key)):
             rows = by_key[key]
             sample = {"__key__": rows["uid"].iloc[0], ext: data, "json": json.dumps({
                 "crawl_key": key, "pseudo_label": int(rows["pseudo_label"].iloc[0]),
@@ -144,7 +128,8 @@ def write_shard(shard: Path, out: Path, jobs: pd.DataFrame, fmt: str) -> int:
             for row in rows.itertuples():
                 if not np.isnan(row.lam):
                     mixed = perturb_image(pixels, row.partner_mean, row.partner_std, row.lam)
-                    sample[f"mix{row.variant}.{fmt}"] = encode(mixed, fmt)
+                    sample[f"mix{row.variant}.{fmt}"] = encode_image(
+                        (mixed.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8), fmt)
             sink.write(sample)
             written += 1
     os.replace(tmp, out)

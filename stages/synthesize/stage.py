@@ -53,7 +53,7 @@ from pipeline import devices
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 from stages.common.batchnorm import BatchNormStatistics, batchnorm_layers
-from stages.common.images import image_key
+from stages.common.images import encode_image, images_with_keys
 from stages.common.progress import progress
 from stages.common.teacher import Teacher, check_teacher, load_teacher
 from stages.synthesize.config import SynthesizeConfig
@@ -124,11 +124,9 @@ def kept_images(crawl_dir: Path, rows: pd.DataFrame, transform) -> torch.Tensor:
     """The kept web images of ``rows`` (crawl shard, key), as the teacher's normalised inputs, in row order."""
     found = {}
     for shard, group in rows.groupby("crawl_shard", sort=True):
-        wanted = set(group["key"])
-        for sample in wds.WebDataset(str(crawl_dir / shard), shardshuffle=False, empty_check=False):
-            if sample["__key__"] in wanted and (ext := image_key(sample)):
-                with Image.open(io.BytesIO(sample[ext])) as image:
-                    found[(shard, sample["__key__"])] = transform(image)
+        for key, _, data in images_with_keys(crawl_dir / shard, set(group["key"])):
+            with Image.open(io.BytesIO(data)) as image:
+                found[(shard, key)] = transform(image)
     missing = [(s, k) for s, k in zip(rows["crawl_shard"], rows["key"]) if (s, k) not in found]
     if missing:
         raise UserError(f"synthesize: kept image {missing[0][1]} is no longer in crawl shard {missing[0][0]}; "
@@ -137,14 +135,6 @@ def kept_images(crawl_dir: Path, rows: pd.DataFrame, transform) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- one shard
-
-def _encode_png(pixels: torch.Tensor) -> bytes:
-    array = pixels.numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 def write_shard(out: Path, rows: pd.DataFrame, teacher: Teacher, inversion: Inversion, settings: SynthesizeConfig,
                 shard_index: int, crawl_dir: Path, device: torch.device, bar) -> None:
@@ -164,7 +154,7 @@ def write_shard(out: Path, rows: pd.DataFrame, teacher: Teacher, inversion: Inve
                    "batch_loss": terms["loss"], "batch_ce": terms["ce"], "batch_bn": terms["bn"],
                    "batch_tv": terms["tv"]}
         for row, pixels in zip(batch.itertuples(), to_pixels(best, spec["mean"], spec["std"])):
-            samples.append({"__key__": row.uid, "png": _encode_png(pixels), "json": json.dumps(
+            samples.append({"__key__": row.uid, "png": encode_image(pixels.numpy(), "png"), "json": json.dumps(
                 {"target": int(row.target), "source_uid": row.source_uid, **lineage}).encode()})
         bar.update(len(batch))
         bar.set_postfix(bn=f"{terms['bn']:.3f}", ce=f"{terms['ce']:.3f}")
