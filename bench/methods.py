@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from manifests import atomic_write_bytes, atomic_write_json
-from manifests.artifacts import FILTER_SUMMARY, METRICS, PERTURB_COUNTS
+from manifests.artifacts import FILTER_SUMMARY, METRICS, PERTURB_COUNTS, SYNTHESIS_COUNTS, SYNTHESIS_SUMMARY
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
@@ -132,23 +132,30 @@ class Bench:
         if all(d.root.resolve() != run.root.resolve() for d in self.donors):
             self.donors.append(run)
         if not any(e.startswith("distill.epochs=") for e in extra):
-            extra = (*extra, f"distill.epochs={epochs_for(run, self.cfg.bench.train_images)}")
+            epochs = epochs_for(run, cfg.distill.transfer_set, self.cfg.bench.train_images)
+            extra = (*extra, f"distill.epochs={epochs}")
         run_stages(self.load(run_dir, method, seed, extra), STAGES, only=["distill", "evaluate"])
         return run
 
 
-def transfer_size(run: RunDir) -> int:
-    return sum(run.read(PERTURB_COUNTS).values())
+def transfer_size(run: RunDir, which: str) -> int:
+    """Images in the transfer set distill.transfer_set names: the web's (perturb), the synthesised, or both."""
+    web = sum(run.read(PERTURB_COUNTS).values())
+    synthetic = sum(run.read(SYNTHESIS_COUNTS).values())
+    return {"web": web, "synthetic": synthetic, "both": web + synthetic}[which]
 
 
-def epochs_for(run: RunDir, train_images: int) -> int:
-    return max(1, round(train_images / max(1, transfer_size(run))))
+def epochs_for(run: RunDir, which: str, train_images: int) -> int:
+    return max(1, round(train_images / max(1, transfer_size(run, which))))
 
 
 def result_row(name: str, seed: int, run: RunDir) -> dict:
     metrics = run.read(METRICS)
     distill = run.record("distill")
     precision = (run.read(FILTER_SUMMARY).get("truth") or {}).get("precision")
+    synthesis = run.read(SYNTHESIS_SUMMARY)
+    if synthesis["start"] == "noise" and distill["counts"]["transfer_set"] == synthesis["images"]:
+        precision = None  # no web image in the transfer set
     validation = metrics.get("validation") or {}
     return {"method": name, "seed": seed, "student_top1": metrics["student"]["top1"],
             "student_val_top1": validation.get("student_top1", np.nan),
@@ -345,7 +352,7 @@ STAGES_TIMED = ("crawl", "score", "filter", "perturb", "distill", "evaluate")
 
 
 def stage_timings(run: RunDir) -> dict:
-    row = {"pool": run.record("score")["counts"]["images"], "kept": transfer_size(run)}
+    row = {"pool": run.record("score")["counts"]["images"], "kept": transfer_size(run, "web")}
     for stage in STAGES_TIMED:
         row[stage] = run.record(stage)["duration_s"]
     row["crawl_images_per_s"] = run.record("crawl")["counts"].get("images_per_s")

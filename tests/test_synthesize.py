@@ -281,15 +281,21 @@ class NoBatchNorm(nn.Module):
         return self.classifier(self.body(x))
 
 
-def test_a_teacher_without_batchnorm_is_refused_before_anything_runs(tmp_path):
+def test_a_teacher_without_batchnorm_is_refused_before_anything_runs_unless_start_is_auto(tmp_path, caplog):
     from pipeline.config import load_config
-    from stages.synthesize.stage import preflight
+    from stages.common.teacher import load_teacher
+    from stages.synthesize.stage import preflight, resolved_start
 
     torch.save(NoBatchNorm().state_dict(), tmp_path / "net.pt")
-    cfg = load_config(None, ["teacher.format=entrypoint", "teacher.arch=tests.test_synthesize:NoBatchNorm",
-                             f"teacher.checkpoint={tmp_path / 'net.pt'}", "teacher.input_size=28",
-                             "teacher.channels=1", "teacher.class_names=[a, b, c, d, e, f, g, h, i, j]",
-                             "synthesize.start=noise"])
+    teacher = ["teacher.format=entrypoint", "teacher.arch=tests.test_synthesize:NoBatchNorm",
+               f"teacher.checkpoint={tmp_path / 'net.pt'}", "teacher.input_size=28", "teacher.channels=1",
+               "teacher.class_names=[a, b, c, d, e, f, g, h, i, j]"]
     with pytest.raises(UserError, match="no BatchNorm layer.*synthesize.start: none"):
-        preflight(cfg)
+        preflight(load_config(None, [*teacher, "synthesize.start=noise"]))
     preflight(load_config(None, ["synthesize.start=none"]))  # none checks nothing (not even the teacher)
+    # the default, auto, falls back to no synthesis, and says so
+    cfg = load_config(None, teacher)
+    assert cfg.synthesize.start == "auto"
+    preflight(cfg)
+    assert resolved_start("auto", load_teacher(cfg.teacher, torch.device("cpu"))) == "none"
+    assert "no BatchNorm layer to match: no synthesis" in caplog.text

@@ -15,7 +15,7 @@ class DistillConfig:
     student_library: str = opt("webdistill", "registry the student comes from",
                                choices=("webdistill", "timm", "torchvision"))
     student_kwargs: dict = opt({}, "keyword arguments of the student architecture (e.g. width_mult: 2)")
-    preset: str = opt("kd", "loss recipe: kd (Hinton), dfnd (noise adaptation + per-batch confident half), ipwd "
+    preset: str = opt("webdistill", "loss recipe: kd (Hinton), dfnd (noise adaptation + per-batch confident half), ipwd "
                       "(KD weighted by the filter's inverse propensities), kd3 (dynamic selection, feature "
                       "alignment, shared classifier, InfoNCE with MixDistribution), iekd (inheritance and "
                       "exploration), kddm (sampling distribution favouring what the teacher knows), kd3_ipw (kd3 "
@@ -26,8 +26,10 @@ class DistillConfig:
                             "and their perturbations), synthetic (the synthesize stage's images alone), both "
                             "(web plus whatever synthesize wrote; web alone when synthesize.start is none)",
                             choices=("web", "synthetic", "both"))
-    epochs: int = opt(20, "passes over the selected images", valid=">= 1")
-    batch_size: int = opt(128, "images per step and per torchrun rank", valid="> 0")
+    epochs: int = opt(5, "passes over the transfer set (the default recipe: 5 over 3,000 kept web images and their "
+                      "3,000 refined versions, 30,000 images)", valid=">= 1")
+    batch_size: int = opt(32, "images per step and per torchrun rank (on a few thousand images more steps beat "
+                          "bigger batches: 92% against 67% at 128 on the digits)", valid="> 0")
     optimizer: str = opt("sgd", "sgd (Nesterov momentum) or adamw", choices=("sgd", "adamw"))
     lr: float = opt(0.05, "peak learning rate (per rank's batch; scale it with the number of ranks yourself)", valid="> 0")
     momentum: float = opt(0.9, "SGD momentum", valid="[0, 1)")

@@ -327,12 +327,19 @@ def run(cfg, run_dir: RunDir) -> dict:
     device = devices.pick_device(settings.device)
     log.info("distill: %s student, preset %s (%s), on %s", settings.student, settings.preset, describe(recipe), device)
     teacher = load_teacher(cfg.teacher, device)
-    data, kept, logits, features = transfer_set(run_dir, settings.split, settings.transfer_set,
+    which = settings.transfer_set
+    if recipe.perturbation == "offline" and which != "web":
+        # perturb's MixDistribution images exist for the web images only
+        if which == "synthetic":
+            raise UserError(f"distill: preset {settings.preset} reads perturb's MixDistribution images (perturbation "
+                            "offline), which synthesised images do not have; set distill.transfer_set: web or "
+                            "distill.perturbation: online")
+        log.warning("distill: preset %s reads perturb's MixDistribution images, which synthesised images do not "
+                    "have: it learns from the web images alone (distill.perturbation: online uses both)",
+                    settings.preset)
+        which = "web"
+    data, kept, logits, features = transfer_set(run_dir, settings.split, which,
                                                 bool({"teacher_features", "autoencoder"} & methods.needs(recipe)))
-    if recipe.perturbation == "offline" and any(Path(s).parent.parent.name == "synthesize" for s in data.counts):
-        raise UserError(f"distill: preset {settings.preset} reads perturb's MixDistribution images (perturbation "
-                        "offline), which synthesised images do not have; set distill.transfer_set: web or "
-                        "distill.perturbation: online")
     model, autoencoder, ae_history = build_model(settings, recipe, teacher, features)
     model.to(device)
     if autoencoder is not None:

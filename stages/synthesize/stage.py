@@ -13,7 +13,7 @@ Writes  RUN/synthesize/shards/NNNNN.tar   one sample per image, keyed by its uid
 ``start: noise`` is DeepInversion (Yin et al., CVPR 2020) with the official CIFAR-10 settings: batches of
 Gaussian noise optimised for 2,000 steps toward class-balanced targets (``inversion.py``). ``start: kept``
 is webdistill's hybrid: the filter's kept web images, in their selection order, are the starting pixels, so
-the optimisation only has to close the gap between a web image and the private statistics (200 steps by
+the optimisation only has to close the gap between a web image and the private statistics (50 steps by
 default). ``none`` writes an empty synthesis, so distill reads one contract either way.
 
 Every image's start, target and jitter are fixed before any is optimised: shard k depends on (seed, k) and
@@ -22,6 +22,7 @@ ends with the same bytes as an uninterrupted one. The teacher's logits and featu
 from the stored PNGs: they are of the very pixels distill reads.
 """
 
+import dataclasses
 import io
 import json
 import logging
@@ -62,7 +63,7 @@ from stages.synthesize.inversion import Inversion, balanced_targets, invert, pix
 log = logging.getLogger("webdistill.synthesize")
 
 DEFAULT_IMAGES_FROM_NOISE = 1000
-DEFAULT_STEPS = {"noise": 2000, "kept": 200}
+DEFAULT_STEPS = {"noise": 2000, "kept": 50}
 
 
 def inversion_settings(settings: SynthesizeConfig) -> Inversion:
@@ -217,8 +218,19 @@ def require_batchnorm(teacher: Teacher, start: str) -> None:
 
 
 def preflight(cfg) -> None:
-    if cfg.synthesize.start != "none":
+    if cfg.synthesize.start in ("noise", "kept"):  # auto falls back to none without BatchNorm
         require_batchnorm(check_teacher(cfg.teacher), cfg.synthesize.start)
+
+
+def resolved_start(start: str, teacher: Teacher) -> str:
+    """``auto``: the hybrid when the teacher has BatchNorm layers to match, else no synthesis."""
+    if start != "auto":
+        return start
+    if batchnorm_layers(teacher.model):
+        return "kept"
+    log.warning("synthesize: the teacher (%s) has no BatchNorm layer to match: no synthesis (synthesize.start "
+                "auto); the student learns from the web images alone", teacher.description)
+    return "none"
 
 
 def _write_none(run_dir: RunDir) -> dict:
@@ -238,6 +250,9 @@ def run(cfg, run_dir: RunDir) -> dict:
         return _write_none(run_dir)
     out, device = run_dir.stage_dir("synthesize"), devices.pick_device(settings.device)
     teacher = load_teacher(cfg.teacher, device)
+    settings = dataclasses.replace(settings, start=resolved_start(settings.start, teacher))
+    if settings.start == "none":
+        return _write_none(run_dir)
     require_batchnorm(teacher, settings.start)
     for p in teacher.model.parameters():
         p.requires_grad_(False)  # only the pixels learn
