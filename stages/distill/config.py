@@ -15,8 +15,8 @@ class DistillConfig:
     student_library: str = opt("webdistill", "registry the student comes from",
                                choices=("webdistill", "timm", "torchvision"))
     student_kwargs: dict = opt({}, "keyword arguments of the student architecture (e.g. width_mult: 2)")
-    preset: str = opt("webdistill", "loss recipe: kd (Hinton), dfnd (noise adaptation + per-batch confident half), ipwd "
-                      "(KD weighted by the filter's inverse propensities), kd3 (dynamic selection, feature "
+    preset: str = opt("webdistill", "loss recipe: kd (Hinton), dfnd (noise adaptation + per-batch confident "
+                      "half), ipwd (KD weighted by the filter's inverse propensities), kd3 (dynamic selection, feature "
                       "alignment, shared classifier, InfoNCE with MixDistribution), iekd (inheritance and "
                       "exploration), kddm (sampling distribution favouring what the teacher knows), kd3_ipw (kd3 "
                       "with ipwd's weights), webdistill (the recipe the benchmark chose for the filtered set: "

@@ -190,10 +190,16 @@ def preflight(cfg) -> None:
         test_labels(cfg.evaluate.val_set, names)
 
 
+def labelled_predictions(models: dict, spec: str, teacher, batch_size: int, device: torch.device):
+    """(keys, labels, {model name: logits}) on the labelled images of ``spec``, labels checked."""
+    keys, labels, logits = predict(models, test_images(spec, teacher.class_names), teacher.transform, batch_size,
+                                   device)
+    return keys, check_labels(labels, spec, len(teacher.class_names)), logits
+
+
 def validation(models: dict, spec: str, teacher, batch_size: int, device: torch.device) -> dict:
     """Top-1 of each model on the validation set."""
-    _, labels, logits = predict(models, test_images(spec, teacher.class_names), teacher.transform, batch_size, device)
-    check_labels(labels, spec, len(teacher.class_names))
+    _, labels, logits = labelled_predictions(models, spec, teacher, batch_size, device)
     return {"val_set": spec, "images": len(labels),
             **{f"{name}_top1": float((v.argmax(1) == labels).mean()) for name, v in logits.items()}}
 
@@ -206,16 +212,14 @@ def run(cfg, run_dir: RunDir) -> dict:
     teacher = load_teacher(cfg.teacher, device)
     student, _ = load_student(run_dir.read(STUDENT), device)
     names = teacher.class_names
-    keys, labels, logits = predict({"teacher": teacher.model, "student": student},
-                                   test_images(settings.test_set, names), teacher.transform, settings.batch_size,
-                                   device)
-    check_labels(labels, settings.test_set, len(names))
-    val = validation({"teacher": teacher.model, "student": student}, settings.val_set, teacher, settings.batch_size,
-                     device) if settings.val_set else None
+    models = {"teacher": teacher.model, "student": student}
+    keys, labels, logits = labelled_predictions(models, settings.test_set, teacher, settings.batch_size, device)
+    val = validation(models, settings.val_set, teacher, settings.batch_size, device) if settings.val_set else None
     metrics = {name: classification_metrics(v, labels, len(names), settings.ece_bins) for name, v in logits.items()}
     agreement = float((logits["teacher"].argmax(1) == logits["student"].argmax(1)).mean())
     result = {"test_set": settings.test_set, "images": len(labels), "class_names": names, **metrics,
-              "agreement": agreement, "student_over_teacher": metrics["student"]["top1"] / max(metrics["teacher"]["top1"], 1e-9),
+              "agreement": agreement,
+              "student_over_teacher": metrics["student"]["top1"] / max(metrics["teacher"]["top1"], 1e-9),
               "validation": val}
     per_class = pd.DataFrame({"class": names, "test_images": np.bincount(labels, minlength=len(names)),
                               "teacher_recall": metrics["teacher"]["per_class_recall"],
@@ -238,4 +242,5 @@ def run(cfg, run_dir: RunDir) -> dict:
             "student_top1": round(metrics["student"]["top1"], 4),
             "student_macro_recall": round(metrics["student"]["macro_recall"], 4),
             "student_ece": round(metrics["student"]["ece"], 4),
-            **({"student_val_top1": round(val["student_top1"], 4)} if val else {}), "timings": {"total_s": round(time.time() - t0, 2)}}
+            **({"student_val_top1": round(val["student_top1"], 4)} if val else {}),
+            "timings": {"total_s": round(time.time() - t0, 2)}}

@@ -223,8 +223,10 @@ def preflight(cfg) -> None:
 
 
 def resolved_start(start: str, teacher: Teacher) -> str:
-    """``auto``: the hybrid when the teacher has BatchNorm layers to match, else no synthesis."""
+    """``auto``: the hybrid when the teacher has BatchNorm layers to match, else no synthesis; an explicit
+    start needs them."""
     if start != "auto":
+        require_batchnorm(teacher, start)
         return start
     if batchnorm_layers(teacher.model):
         return "kept"
@@ -253,7 +255,6 @@ def run(cfg, run_dir: RunDir) -> dict:
     settings = dataclasses.replace(settings, start=resolved_start(settings.start, teacher))
     if settings.start == "none":
         return _write_none(run_dir)
-    require_batchnorm(teacher, settings.start)
     for p in teacher.model.parameters():
         p.requires_grad_(False)  # only the pixels learn
     inversion, crawl_dir = inversion_settings(settings), run_dir.path(CRAWL_FOLDER)
