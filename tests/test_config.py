@@ -23,9 +23,40 @@ def write(tmp_path, text):
 
 def test_demo_config_loads_with_its_values():
     cfg = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.crawl.image_size == 64
+    assert cfg.crawl.image_size is None  # the teacher's input side
     assert cfg.data.url_list == str(Path.cwd() / "demo_data" / "web_urls.parquet")  # relative paths: to the cwd
     assert cfg.demo.pool_size >= 10_000
+
+
+# What a scenario may set beyond paths: facts of its domain, each documented in its config and the README
+DOMAIN_FACTS = {
+    "demo.yaml": set(),
+    "textile.yaml": {"data.serve_port",  # a second loopback server beside the digits'
+                     "synthesize.flip", "distill.augment_hflip",  # fabric has no up or left
+                     "synthesize.bn_weight",  # MobileNetV3's many BatchNorm layers drown the class term
+                     "distill.student_kwargs"},  # a strided stem for 96-px tiles
+}
+
+
+def recipe_differences(cfg, defaults, prefix="") -> set[str]:
+    """Keys whose values differ from the defaults, paths left out (the bench's and demo's own sections too)."""
+    found = set()
+    for f in dataclasses.fields(defaults):
+        if prefix == "" and f.name in ("bench", "demo"):
+            continue
+        mine, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default):
+            found |= recipe_differences(mine, default, f"{f.name}.")
+        elif mine != default and not f.metadata.get("path"):
+            found.add(prefix + f.name)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(DOMAIN_FACTS))
+def test_demo_configs_are_the_defaults_but_paths_and_domain_facts(name):
+    """`webdistill defaults` is the recipe both scenarios run: a user who sets only paths gets it."""
+    differences = recipe_differences(load_config(REPO / "configs" / name), load_config(None))
+    assert differences == DOMAIN_FACTS[name]
 
 
 def test_typo_names_key_file_and_closest_valid_key(tmp_path):

@@ -8,6 +8,7 @@ chance on the private test split; the report is one self-contained page.
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import dump_yaml
+from pipeline.config import dump_yaml, load_config
+from pipeline.errors import UserError
 from pipeline.runner import run_stages
 from stages import STAGES
 from stages.common.student import load_student
@@ -27,6 +29,8 @@ from stages.distill.data import (
     every_nth_per_shard,
     rank_shards,
 )
+from stages.distill.methods import resolve
+from stages.distill.stage import images_to_learn_from
 from tests.conftest import REPO, config, free_port, fresh, kill_stage_when, student_weights
 
 # ---------------------------------------------------------------- data plan
@@ -173,3 +177,18 @@ def test_torchrun_two_processes_train_a_student_like_one_process(upstream, small
     assert min(accuracies) > 0.2 and abs(accuracies[0] - accuracies[1]) < 0.12, accuracies
 
 
+
+
+def test_offline_mixdistribution_presets_learn_from_the_web_when_synthesis_is_on(caplog):
+    """kd3's MixDistribution images exist for the web images only: with both it falls back to the web
+    (a warning), synthetic alone is refused with what to set; other presets keep the set asked for."""
+    kd3 = resolve(load_config(None, ["distill.preset=kd3"]).distill)
+    assert kd3.perturbation == "offline"
+    with caplog.at_level(logging.WARNING, logger="webdistill.distill"):
+        assert images_to_learn_from("both", kd3.perturbation, "kd3") == "web"
+    assert "learns from the web images alone" in caplog.text
+    with pytest.raises(UserError, match="set distill.transfer_set: web or distill.perturbation: online"):
+        images_to_learn_from("synthetic", kd3.perturbation, "kd3")
+    kd = resolve(load_config(None, ["distill.preset=kd"]).distill)
+    for which in ("web", "synthetic", "both"):
+        assert images_to_learn_from(which, kd.perturbation, "kd") == which

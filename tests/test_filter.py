@@ -63,7 +63,8 @@ def planted_pool(tmp_path, n_in=800, n_out=400, seed=0, reference=40):
 
 
 def filter_config(run_dir, *overrides):
-    return load_config(None, [f"run_dir={run_dir}", *overrides])
+    """bn_stats unless overridden: the planted pool has a feature prior, not per-layer distances."""
+    return load_config(None, [f"run_dir={run_dir}", "filter.reference=bn_stats", *overrides])
 
 
 def run_filter(run_dir, *overrides):

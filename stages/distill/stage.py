@@ -321,23 +321,27 @@ def preflight(cfg) -> None:
             teacher.channels, input_size=teacher.input_size)
 
 
+def images_to_learn_from(which: str, perturbation: str, preset: str) -> str:
+    """distill.transfer_set as the recipe can use it: perturb's MixDistribution images (perturbation offline)
+    exist for the web images only, so such a recipe learns from the web alone when synthesis is on too."""
+    if perturbation != "offline" or which == "web":
+        return which
+    if which == "synthetic":
+        raise UserError(f"distill: preset {preset} reads perturb's MixDistribution images (perturbation offline), "
+                        "which synthesised images do not have; set distill.transfer_set: web or "
+                        "distill.perturbation: online")
+    log.warning("distill: preset %s reads perturb's MixDistribution images, which synthesised images do not have: "
+                "it learns from the web images alone (distill.perturbation: online uses both)", preset)
+    return "web"
+
+
 def run(cfg, run_dir: RunDir) -> dict:
     settings, recipe = cfg.distill, resolve(cfg.distill)
     out = run_dir.stage_dir("distill")
     device = devices.pick_device(settings.device)
     log.info("distill: %s student, preset %s (%s), on %s", settings.student, settings.preset, describe(recipe), device)
     teacher = load_teacher(cfg.teacher, device)
-    which = settings.transfer_set
-    if recipe.perturbation == "offline" and which != "web":
-        # perturb's MixDistribution images exist for the web images only
-        if which == "synthetic":
-            raise UserError(f"distill: preset {settings.preset} reads perturb's MixDistribution images (perturbation "
-                            "offline), which synthesised images do not have; set distill.transfer_set: web or "
-                            "distill.perturbation: online")
-        log.warning("distill: preset %s reads perturb's MixDistribution images, which synthesised images do not "
-                    "have: it learns from the web images alone (distill.perturbation: online uses both)",
-                    settings.preset)
-        which = "web"
+    which = images_to_learn_from(settings.transfer_set, recipe.perturbation, settings.preset)
     data, kept, logits, features = transfer_set(run_dir, settings.split, which,
                                                 bool({"teacher_features", "autoencoder"} & methods.needs(recipe)))
     model, autoencoder, ae_history = build_model(settings, recipe, teacher, features)

@@ -10,9 +10,10 @@ class FilterConfig:
     """The filter stage: which scored web images the student learns from, and how much each counts."""
 
     reference: str = opt(
-        "bn_stats", "what stands for the private distribution: bn_stats (feature mean/std the teacher's BatchNorm "
-        "remembers; class-agnostic), bn_layers (distance of each image's channel statistics from every BatchNorm "
-        "layer's running ones: DeepInversion's loss as a score; class-agnostic), prototypes (the teacher's "
+        "bn_layers", "what stands for the private distribution: bn_layers (distance of each image's channel "
+        "statistics from every BatchNorm layer's running ones: DeepInversion's loss as a score; class-agnostic; the "
+        "best AUROC in-domain vs not on both demo scenarios), bn_stats (feature mean/std the last BatchNorm feeding "
+        "the features remembers; class-agnostic), prototypes (the teacher's "
         "classifier weights, one per class), centroids "
         "(faiss k-means of confidently scored samples, centroids_per_class per class), reference_set (images "
         "given in score.reference_shards), clip_text (open_clip embeddings of the class prompts)",
