@@ -13,7 +13,7 @@ RUN_DIR ?= $(if $(filter textile,$(SCENARIO)),runs/textile,runs/demo)
 # `python -m pipeline` runs the code of this checkout (not another editable install)
 WD := $(PY) -m pipeline
 # SET="key=value …": config overrides for the demo, its teacher, the run and the bench, e.g.
-# make all SET="synthesize.steps=10 distill.epochs=2" (a quicker demo; the suite's make-all test runs this)
+# make all SET="synthesize.steps=10 distill.epochs=2" (a quicker, weaker demo)
 OVERRIDES := $(foreach s,$(SET),--set $(s))
 
 # No hub or update checks at run time: everything loads from local files.
@@ -72,7 +72,7 @@ REBUILD_SET := --set demo.seed=1 --set demo.dir=$(REBUILD) --set data.url_list=$
   --set run_dir=runs/demo_seed1 --set bench.work_dir=bench/work/seed1 --set bench.results_dir=bench/results/rebuild
 REBUILD_METHODS ?= upper_bound,pool_kd,filter_kd,webdistill
 
-bench-rebuild: setup  ## the digits bench's headline rows on a second build of the demo (bench/results/rebuild/, ~35 min)
+bench-rebuild: setup  ## the digits bench's headline rows on a second build of the demo (bench/results/rebuild/, ~20 min)
 	$(WD) demo-data configs/demo.yaml $(REBUILD_SET)
 	$(WD) demo-teacher configs/demo.yaml $(REBUILD_SET)
 	$(WD) bench configs/demo.yaml --only $(REBUILD_METHODS) $(REBUILD_SET)

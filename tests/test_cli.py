@@ -52,3 +52,11 @@ def test_not_a_run_directory(tmp_path):
     result = CliRunner().invoke(cli, ["status", str(tmp_path)])
     assert result.exit_code == 2
     assert "is not a run directory (no config.yaml)" in result.output
+
+
+def test_make_set_passes_overrides_to_the_demo_its_teacher_and_the_run():
+    dry = subprocess.run(["make", "-n", "all", "SET=synthesize.steps=10 distill.epochs=2"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("demo-data", "demo-teacher", "run"):
+        line = next(x for x in dry.splitlines() if f"-m pipeline {command} " in x)
+        assert line.endswith("--set synthesize.steps=10 --set distill.epochs=2"), line
