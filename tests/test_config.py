@@ -39,10 +39,11 @@ DOMAIN_FACTS = {
 
 
 def recipe_differences(cfg, defaults, prefix="") -> set[str]:
-    """Keys whose values differ from the defaults, paths left out (the bench's and demo's own sections too)."""
+    """Keys whose values differ from the defaults, paths left out, and the teacher (the user's model: its spec
+    file fills the section once built) and the bench's and demo's own sections."""
     found = set()
     for f in dataclasses.fields(defaults):
-        if prefix == "" and f.name in ("bench", "demo"):
+        if prefix == "" and f.name in ("teacher", "bench", "demo"):
             continue
         mine, default = getattr(cfg, f.name), getattr(defaults, f.name)
         if dataclasses.is_dataclass(default):
