@@ -376,19 +376,24 @@ def subsample_url_list(cfg, rows: int, path: Path) -> Path:
 
 # ---------------------------------------------------------------- the bench
 
+def chosen_methods(settings, only: list[str] | None) -> dict:
+    """``only`` (any method or ablation of configs/bench_methods.yaml), else bench.methods and, with
+    bench.ablations, the ablations; an unknown name is an error, never silently left out."""
+    known = {**METHODS, **ABLATIONS}
+    names = only or list(settings.methods) + (list(ABLATIONS) if settings.ablations else [])
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        where = "--only" if only else "bench.methods"
+        raise UserError(f"{where}: unknown method {unknown[0]!r}; `webdistill bench --list` lists them")
+    return {n: known[n] for n in names}
+
+
 def run_bench(config: str, overrides=(), only: list[str] | None = None) -> dict:
     cfg = load_config(config, overrides)
     settings = cfg.bench
+    methods = chosen_methods(settings, only)
     bench = Bench(config, tuple(overrides), cfg, [RunDir(cfg.run_dir)])
     results = Path(settings.results_dir)
-    unknown = [m for m in settings.methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"bench.methods: unknown method {unknown[0]!r}; methods are {', '.join(METHODS)}")
-    methods = {n: METHODS[n] for n in settings.methods}
-    if settings.ablations:
-        methods.update(ABLATIONS)
-    if only:
-        methods = {n: m for n, m in methods.items() if n in only}
     if "upper_bound" in methods:
         if not settings.upper_bound_data:
             raise UserError("bench.methods lists upper_bound but bench.upper_bound_data is not set: give the "

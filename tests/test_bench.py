@@ -149,3 +149,18 @@ def test_filter_scores_are_compared_against_the_true_sources(upstream, small_web
     assert table["top"].eq(round(0.3 * table["pool"].iloc[0])).all()
     assert table.loc["bn_layers", "auroc"] > 0.7 and table.loc["bn_layers", "precision_top"] > \
         table.loc["bn_layers", "in_domain_share"]  # better than the pool's own share
+
+
+def test_only_picks_any_known_method_and_refuses_an_unknown_one():
+    from bench.methods import ABLATIONS, chosen_methods
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+
+    settings = load_config(None, ["bench.methods=[upper_bound, pool_kd]", "bench.ablations=false"]).bench
+    assert list(chosen_methods(settings, None)) == ["upper_bound", "pool_kd"]
+    # a method outside bench.methods runs when asked for (it was silently left out before)
+    assert list(chosen_methods(settings, ["dfnd_selection", "pool_kd"])) == ["dfnd_selection", "pool_kd"]
+    with pytest.raises(UserError, match=r"--only: unknown method 'dfdn'; `webdistill bench --list` lists them"):
+        chosen_methods(settings, ["dfdn"])
+    with_ablations = load_config(None, ["bench.methods=[kd3]", "bench.ablations=true"]).bench
+    assert list(chosen_methods(with_ablations, None))[1:] == list(ABLATIONS)

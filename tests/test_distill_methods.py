@@ -188,3 +188,24 @@ def test_the_loop_sums_every_methods_weighted_terms_in_registry_order():
     assert list(terms) == ["kd", "ce", "feature", "contrastive"]  # classifier: shared has no term of its own
     expected = 0.9 * terms["kd"] + 0.1 * terms["ce"] + 1.0 * terms["feature"] + 0.1 * terms["contrastive"]
     assert torch.allclose(total, expected)
+
+
+def test_dfnd_selects_for_the_kd_term_only_the_noise_term_sees_the_whole_batch():
+    """mmrazor's DFNDLoss: KD summed over the confident half and divided by the batch size, the
+    noise adaptation NLL averaged over every sample."""
+    from stages.distill.methods import Step, loss
+
+    recipe = resolve(load_config(None, ["distill.preset=dfnd"]).distill)
+    assert recipe.batch_select == 0.5 and recipe.noise_adaptation_weight == 1.0
+    teacher = torch.tensor([[5.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.2]])  # confident: 0, 2
+    student = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.5, 0.0, 0.0]])
+    labels = teacher.argmax(1)
+    step = Step(student, teacher, None, {}, weight=torch.ones(4), labels=labels, confidence=torch.ones(4),
+                epoch_fraction=0.0, model=SimpleNamespace(theta=torch.zeros(3, 2)), teacher_head=None,
+                autoencoder=None)
+    _, terms = loss(recipe, step)
+    kd = losses.kd_per_sample(student, teacher, recipe.temperature)
+    assert close(terms["kd"], (kd[0] + kd[2]) / 4)
+    noise = losses.noise_adaptation_per_sample(student, labels, losses.transition_matrix(torch.zeros(3, 2), 0.95))
+    assert close(terms["noise"], noise.mean())
+    assert not close(noise.mean(), (noise[0] + noise[2]) / 4)  # masking it would give another value

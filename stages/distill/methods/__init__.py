@@ -79,7 +79,9 @@ def describe(recipe: Recipe) -> str:
 @dataclass
 class Step:
     """One batch as the loss methods see it. ``weight`` (per sample), ``labels`` (the teacher's
-    hard labels) and ``confidence`` start neutral; methods' ``adjust`` may change them."""
+    hard labels) and ``confidence`` start neutral; methods' ``adjust`` may change them.
+    ``sample_weight`` keeps the per-sample weights from before any batch selection (``adjust``
+    masks ``weight`` only), for terms that see the whole batch (DFND's noise adaptation)."""
 
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor
@@ -93,6 +95,10 @@ class Step:
     teacher_head: torch.Tensor | None  # the teacher's classifier weight (classifier: aligned)
     autoencoder: object | None  # IE-KD's teacher-feature auto-encoder
     logged: dict = field(default_factory=dict)  # per-batch diagnostics for the history (not losses)
+    sample_weight: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.sample_weight = self.weight
 
     @property
     def n(self) -> int:

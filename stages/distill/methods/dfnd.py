@@ -1,6 +1,7 @@
 """DFND (Chen et al., CVPR 2021, "Learning Student Networks in the Wild"): KD plus noise
 adaptation, NLL(log(softmax(z_s)·Q), ŷ_t) with a learned transition matrix Q whose diagonal is the
-teacher's accuracy; the confident part of each batch only (mmrazor's ``batch_select``)."""
+teacher's accuracy. As mmrazor's DFNDLoss: the KD term on the confident part of each batch only
+(``batch_select``, summed over it and divided by the batch size), the noise term on every sample."""
 
 from pipeline.errors import UserError
 from stages.distill import losses
@@ -26,4 +27,4 @@ def terms(r, step) -> dict:
         return {}
     q = losses.transition_matrix(step.model.theta, r.teacher_accuracy)
     noise = losses.noise_adaptation_per_sample(step.student_logits, step.labels, q)
-    return {"noise": (r.noise_adaptation_weight, losses.weighted_mean(noise, step.weight))}
+    return {"noise": (r.noise_adaptation_weight, losses.weighted_mean(noise, step.sample_weight))}
