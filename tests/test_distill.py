@@ -177,8 +177,6 @@ def test_torchrun_two_processes_train_a_student_like_one_process(upstream, small
     assert min(accuracies) > 0.2 and abs(accuracies[0] - accuracies[1]) < 0.12, accuracies
 
 
-
-
 def test_offline_mixdistribution_presets_learn_from_the_web_when_synthesis_is_on(caplog):
     """kd3's MixDistribution images exist for the web images only: with both it falls back to the web
     (a warning), synthetic alone is refused with what to set; other presets keep the set asked for."""
