@@ -188,6 +188,8 @@ def build_demo_teacher(cfg, force: bool = False) -> dict:
     record = {"settings": settings, "test_accuracy": round(accuracy, 4), "test_images": len(test_labels),
               "train_images": len(train_labels), "loss_per_epoch": history, "duration_s": round(time.time() - t0, 1),
               "spec": "spec.yaml"}
+    # the owner's reported accuracy travels with the spec, as DFND's code takes its teacher's test accuracy
+    atomic_write_bytes(out / "spec.yaml", yaml.safe_dump(spec | {"accuracy": round(accuracy, 4)}, sort_keys=False).encode())
     if accuracy < cfg.demo.teacher_min_accuracy:
         raise UserError(f"demo teacher reaches {accuracy:.2%} on the private test split, below "
                         f"demo.teacher_min_accuracy {cfg.demo.teacher_min_accuracy:.2%}: train longer "

@@ -87,10 +87,12 @@ def test_every_preset_trains_and_logs_its_terms(preset, upstream, small_web, mni
     history = pd.read_csv(run_dir / "distill" / "history.csv")
     expected = {"kd": {"kd", "ce"}, "dfnd": {"kd", "noise"}, "ipwd": {"kd", "ce"},
                 "kd3": {"kd", "ce", "feature", "contrastive", "selected"}, "iekd": {"kd", "inherit", "explore"},
-                "kddm": {"kd", "ce"}, "kd3_ipw": {"kd", "contrastive", "selected"},
+                "kddm": {"kd", "ce", "kddm_entropy", "kddm_top_share"}, "kd3_ipw": {"kd", "contrastive", "selected"},
                 "webdistill": {"kd", "ce"}}[preset]
     assert expected <= set(history.columns)
     assert np.isfinite(history[sorted(expected)].to_numpy()).all()
+    if preset == "kddm":  # the learned distribution stays above its entropy floor
+        assert (history["kddm_entropy"] >= 0.5 - 1e-3).all()
     student, meta = load_student(run_dir / "distill" / "student.pt")
     assert meta["preset"] == preset
     assert student(torch.zeros(2, 1, 28, 28))[0].shape == (2, 10)

@@ -4,13 +4,14 @@ the method registry: every method file keeps the same contract, the loop sums th
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from stages.distill import losses
-from stages.distill.methods import METHODS, PRESETS, Recipe, resolve
+from stages.distill.methods import METHODS, PRESETS, Recipe, configure, resolve
 
 
 def close(a, b, tol=1e-5):
@@ -111,13 +112,52 @@ def test_iekd_factor_distance_inheritance_exploration_reconstruction_by_hand():
     assert close(losses.reconstruction_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])), 1.5)
 
 
-def test_kddm_sampling_weights_by_hand():
-    # confidences [1, 0] at γ = 1 → q = [e/(e+1), 1/(e+1)], weights N·q
-    w = losses.sampling_weights(torch.tensor([1.0, 0.0]), 1.0)
-    assert torch.allclose(w, 2 * torch.tensor([math.e / (math.e + 1), 1 / (math.e + 1)]))
-    assert close(w.mean(), 1.0)
-    # γ → large: uniform
-    assert torch.allclose(losses.sampling_weights(torch.tensor([0.9, 0.1, 0.5]), 1e6), torch.ones(3), atol=1e-5)
+def test_kddm_sampler_moves_towards_confident_images_and_keeps_entropy_above_its_floor():
+    from stages.distill.methods.kddm import Sampler, entropy
+
+    # 4 clusters of 10 rows; the teacher is confident on cluster 2, unsure elsewhere
+    clusters = torch.arange(40) // 10
+    confident = torch.where(clusters == 2, 0.99, 0.6)
+    sampler = Sampler(clusters.numpy(), confident.numpy(), gamma=0.01, entropy_floor=0.6, lr=0.1)
+    assert torch.allclose(sampler.distribution(), torch.full((4,), 0.25))  # it starts uniform
+    logits = torch.stack([confident, 1 - confident], 1).log()  # max softmax = the confidence
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows = torch.randint(0, 40, (16,), generator=generator)
+        sampler.observe(rows, logits[rows])
+    pi = sampler.distribution()
+    assert pi.argmax() == 2 and pi[2] > 0.5  # moved towards what the teacher classifies confidently
+    assert entropy(pi) >= 0.6 * math.log(4) - 1e-4  # ... but not below the floor (γ alone would collapse it)
+    assert entropy(pi) < 0.6 * math.log(4) + 1e-2  # the floor is what holds it
+    # draws follow π: cluster 2's rows make up about π₂ of a large resampled batch
+    batch = {"row": torch.arange(40).repeat(50), "image": torch.zeros(2000, 1)}
+    drawn = sampler.draw(batch, torch.Generator().manual_seed(1))["row"]
+    share = (clusters[drawn] == 2).float().mean()
+    assert abs(share - pi[2]) < 0.04
+    # its state round-trips (resume)
+    other = Sampler(clusters.numpy(), confident.numpy(), gamma=0.01, entropy_floor=0.6, lr=0.1)
+    other.load_state_dict(sampler.state_dict())
+    assert torch.equal(other.distribution(), pi)
+
+
+def test_kddm_temper_to_floor_by_hand():
+    from stages.distill.methods.kddm import entropy, temper_to_floor
+
+    phi = torch.tensor([3.0, 0.0, 0.0])
+    floor = 0.9 * math.log(3)
+    tempered = temper_to_floor(phi, floor)
+    assert abs(entropy(tempered.softmax(0)) - floor) < 1e-4 and tempered[0] < phi[0]
+    assert torch.equal(temper_to_floor(phi, 0.1), phi)  # above the floor: unchanged
+
+
+def test_kddm_clusters_follow_the_features():
+    from stages.distill.methods.kddm import clusters_of
+
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(0, 0.1, (50, 4)), rng.normal(5, 0.1, (50, 4))]).astype(np.float32)
+    c = clusters_of(features, 2, seed=0)
+    assert len(set(c[:50])) == 1 and len(set(c[50:])) == 1 and c[0] != c[50]
+    assert (clusters_of(features, 0, seed=0) == np.arange(100)).all()
 
 
 def test_presets_fill_nulls_and_explicit_keys_win():
@@ -153,7 +193,8 @@ def test_every_method_declares_settings_of_the_config_and_named_terms(name):
     method = METHODS[name]
     config_keys = {f.name for f in dataclasses.fields(DistillConfig)}
     assert set(method.SETTINGS) <= config_keys and set(method.PRESET) <= config_keys
-    recipe = resolve(load_config(None, [f"distill.preset={name}"]).distill)
+    cfg = load_config(None, [f"distill.preset={name}"])
+    recipe = configure(resolve(cfg.distill), cfg.teacher)
     n, classes = 4, 3
     torch.manual_seed(0)
     step = Step(torch.randn(n, classes), torch.randn(n, classes), torch.randn(n, 5),
@@ -195,8 +236,9 @@ def test_dfnd_selects_for_the_kd_term_only_the_noise_term_sees_the_whole_batch()
     noise adaptation NLL averaged over every sample."""
     from stages.distill.methods import Step, loss
 
-    recipe = resolve(load_config(None, ["distill.preset=dfnd"]).distill)
-    assert recipe.batch_select == 0.5 and recipe.noise_adaptation_weight == 1.0
+    cfg = load_config(None, ["distill.preset=dfnd"])
+    recipe = configure(resolve(cfg.distill), cfg.teacher)  # no teacher accuracy reported: Q's diagonal 0.95
+    assert recipe.batch_select == 0.5 and recipe.noise_adaptation_weight == 1.0 and recipe.teacher_accuracy == 0.95
     teacher = torch.tensor([[5.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.2]])  # confident: 0, 2
     student = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.5, 0.0, 0.0]])
     labels = teacher.argmax(1)
@@ -209,3 +251,15 @@ def test_dfnd_selects_for_the_kd_term_only_the_noise_term_sees_the_whole_batch()
     noise = losses.noise_adaptation_per_sample(student, labels, losses.transition_matrix(torch.zeros(3, 2), 0.95))
     assert close(terms["noise"], noise.mean())
     assert not close(noise.mean(), (noise[0] + noise[2]) / 4)  # masking it would give another value
+
+
+def test_dfnd_q_diagonal_is_the_teachers_reported_accuracy_unless_set():
+    def diagonal(*overrides):
+        cfg = load_config(None, ["distill.preset=dfnd", *overrides])
+        return configure(resolve(cfg.distill), cfg.teacher).teacher_accuracy
+
+    assert diagonal("teacher.accuracy=0.9913") == 0.9913
+    assert diagonal("teacher.accuracy=0.9913", "distill.teacher_accuracy=0.8") == 0.8
+    assert diagonal() == 0.95
+    kd = load_config(None, ["teacher.accuracy=0.9913"])  # a recipe without noise adaptation is left as it is
+    assert configure(resolve(kd.distill), kd.teacher).teacher_accuracy is None

@@ -33,5 +33,8 @@ class TeacherConfig:
     feature_layer: str = opt("auto", "module whose output (flattened) is the penultimate feature vector; auto: the "
                              "input of the last Linear layer. torchscript: a method the script exports (auto: "
                              "forward_features), unless forward returns (logits, features)")
+    accuracy: float | None = opt(None, "the teacher's top-1 on its owner's held-out data, as the owner reports it "
+                                 "(`make teacher` writes the demo's); DFND's noise adaptation takes it as the diagonal "
+                                 "of its transition matrix Q; null: unknown", valid="(0, 1]")
     prompt_template: str = opt("a photo of a {}.", "prompt of each class name ({}) for an open_clip zero-shot teacher "
                                "and for the filter's clip_text reference")

@@ -57,13 +57,12 @@ class DistillConfig:
     kd_weight: float | None = opt(None, "weight of T²·KL(teacher ‖ student) (preset: 0.9)", valid=">= 0")
     ce_weight: float | None = opt(None, "weight of the cross-entropy with the teacher's hard label (preset: 0.1)", valid=">= 0")
     sample_weights: str | None = opt(None, "per-sample loss weights: none, filter (the filter's inverse-propensity "
-                                     "weights: IPWD), kddm (the learned sampling distribution)",
-                                     choices=(None, "none", "filter", "kddm"))
+                                     "weights: IPWD)", choices=(None, "none", "filter"))
     batch_select: float | None = opt(None, "keep only this share of each batch, most confident first (DFND as "
                                      "mmrazor; 1: all)", valid="(0, 1]")
     noise_adaptation_weight: float | None = opt(None, "weight of DFND's noise-adaptation loss NLL(log(p_s·Q), ŷ_t)", valid=">= 0")
-    teacher_accuracy: float | None = opt(None, "diagonal of DFND's transition matrix Q: the teacher's known "
-                                         "accuracy (preset: 0.95)", valid="(0, 1]")
+    teacher_accuracy: float | None = opt(None, "diagonal of DFND's transition matrix Q (null: "
+                                         "teacher.accuracy, the owner's figure; 0.95 when it is unknown)", valid="(0, 1]")
     selection: str | None = opt(None, "KD³ dynamic selection each step from λ·p_teacher + (1−λ)·p_student: none, "
                                 "threshold (max ≥ selection_tau) or top_k (the selection_ratio most confident)",
                                 choices=(None, "none", "threshold", "top_k"))
@@ -86,7 +85,19 @@ class DistillConfig:
     inherit_weight: float | None = opt(None, "IE-KD: weight of the inheritance loss (preset iekd: 1)", valid=">= 0")
     explore_weight: float | None = opt(None, "IE-KD: weight of the exploration loss (preset iekd: 1)", valid=">= 0")
     ae_epochs: int = opt(30, "IE-KD: epochs of the teacher-feature auto-encoder, on the features score cached", valid=">= 1")
-    kddm_gamma: float | None = opt(None, "KDDM: temperature of the sampling distribution softmax(confidence/γ)", valid="> 0")
+    sampler: str | None = opt(None, "how batches are drawn: none (the shuffled stream) or kddm (resampled from KDDM's "
+                              "learned distribution over clusters of the transfer set, favouring what the teacher "
+                              "classifies confidently)", choices=(None, "none", "kddm"))
+    kddm_gamma: float | None = opt(None, "KDDM: weight γ of the distribution's entropy in its objective "
+                                   "Σ π·confidence + γ·H(π) (preset: 0.1)", valid=">= 0")
+    kddm_entropy_floor: float | None = opt(None, "KDDM: the distribution's entropy never falls below this share of "
+                                           "the uniform's (preset: 0.5)", valid="[0, 1]")
+    kddm_clusters: int | None = opt(None, "KDDM: k-means clusters of the teacher's features the distribution is "
+                                    "over; 0: one parameter per image (preset: 64)", valid=">= 0")
+    kddm_lr: float | None = opt(None, "KDDM: Adam learning rate of the distribution's logits (preset: 0.05)", valid="> 0")
+    kddm_loss: str | None = opt(None, "KDDM's loss, reconstructed: kd (Hinton KD) or confidence (each sample's "
+                                "terms weighted by the teacher's confidence, mean 1 per batch)",
+                                choices=(None, "kd", "confidence"))
     device: str = opt("auto", "auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU")
     precision: str = opt("auto", "autocast dtype; auto: bf16 on CUDA (fp16 where unsupported), fp32 on CPU",
                          choices=("auto", "fp32", "bf16", "fp16"))

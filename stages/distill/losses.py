@@ -1,8 +1,7 @@
 """The distillation losses, each a small function of tensors (tested against hand-computed values).
 
 Per-sample functions return one value per sample (shape (N,)); ``weighted_mean`` combines them
-with the per-sample weights (IPWD's inverse propensities, KDDM's sampling weights, KD³'s
-selection). Sources: Hinton et al. 2015 and mdistiller (KD); DFND (CVPR 2021) and mmrazor's
+with the per-sample weights (inverse propensities, KD³'s selection, DFND's batch selection). Sources: Hinton et al. 2015 and mdistiller (KD); DFND (CVPR 2021) and mmrazor's
 port (noise adaptation); KD³ (ICCV 2023, reconstructed [R] as docs/methods.md describes: selection,
 feature alignment, InfoNCE); IE-KD (CVPR 2021) as the aliyun code computes it.
 """
@@ -124,13 +123,3 @@ def exploration_loss(explore_factor: torch.Tensor, teacher_factor: torch.Tensor)
 def reconstruction_loss(reconstructed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """The teacher-feature auto-encoder's loss: mean absolute error, as the code (not the paper's L2)."""
     return (reconstructed - features).abs().mean()
-
-
-# ---------------------------------------------------------------- KDDM
-
-def sampling_weights(teacher_confidence: torch.Tensor, gamma: float) -> torch.Tensor:
-    """KDDM's sampling distribution over the transfer set [R]: q ∝ exp(confidence/γ), the maximiser
-    of E_q[teacher confidence] + γ·H(q), favouring images the teacher classifies well. Returned as
-    importance weights N·q (mean 1), so sampling from q and weighting the loss agree in expectation."""
-    q = F.softmax(teacher_confidence / gamma, dim=0)
-    return q * len(q)

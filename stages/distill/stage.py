@@ -61,7 +61,7 @@ from stages.distill import methods
 from stages.distill.augment import augment, augments, mixup
 from stages.distill.config import DistillConfig
 from stages.distill.data import TransferSet
-from stages.distill.methods import SAMPLE_WEIGHTS, Recipe, Step, describe, resolve
+from stages.distill.methods import SAMPLE_WEIGHTS, Recipe, Step, describe, kddm, resolve
 from stages.distill.model import DistillModel, train_autoencoder
 
 log = logging.getLogger("webdistill.distill")
@@ -138,8 +138,9 @@ class Trainer:
 
     def __init__(self, settings: DistillConfig, recipe: Recipe, teacher: Teacher, model: DistillModel,
                  weights: torch.Tensor, cached_logits: np.ndarray, cached_features: np.ndarray | None,
-                 autoencoder, device: torch.device):
+                 autoencoder, device: torch.device, sampler=None):
         self.settings, self.recipe, self.teacher, self.model = settings, recipe, teacher, model
+        self.sampler = sampler  # KDDM's learned distribution the batches are drawn from (None: the stream's order)
         self.teacher_head = torch.as_tensor(teacher.classifier[0], device=device) \
             if recipe.classifier == "aligned" else None
         self.weights, self.device, self.autoencoder = weights, device, autoencoder
@@ -182,6 +183,8 @@ class Trainer:
             views = mixup(views, s.augment_mixup, generator)
         x, rows = views[0], batch["row"]
         t_logits, t_features = self.teacher_outputs(x, rows)
+        if self.sampler is not None:
+            self.sampler.observe(rows, t_logits)
         n = len(x)
         mix_from = None
         if r.perturbation == "offline":
@@ -213,6 +216,8 @@ class Trainer:
         for step, batch in enumerate(itertools.islice(loader, steps)):
             if len(batch["row"]) == 1:  # a worker's last batch: BatchNorm cannot train on one image
                 batch = {k: torch.cat([v, v]) for k, v in batch.items()}  # (skipping it would stall DDP)
+            if self.sampler is not None:
+                batch = self.sampler.draw(batch, generator)
             loss, terms = self.loss(batch, (epoch + step / steps) / epochs, generator)  # progress, 0 → 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.theta_optimizer:
@@ -236,6 +241,8 @@ class Trainer:
         row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "images": seen_all,
                "seconds": round(seconds, 3), "images_per_s": round(seen_all / max(seconds, 1e-9), 1)}
         row.update({k: round(v / max(seen, 1), 5) for k, v in sums.items()})
+        if self.sampler is not None:
+            row.update(self.sampler.summary())
         return row
 
 
@@ -245,13 +252,14 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("epoch_*.pt"))
 
 
-_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "theta_optimizer", "scheduler", "scaler", "history"}
+_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "theta_optimizer", "scheduler", "scaler", "history", "sampler"}
 
 
 def save_checkpoint(folder: Path, epoch: int, trainer: Trainer, scheduler, history: list, keep: int) -> None:
     state = {"epoch": epoch, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
              "theta_optimizer": trainer.theta_optimizer.state_dict() if trainer.theta_optimizer else None,
-             "scheduler": scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "history": history}
+             "scheduler": scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "history": history,
+             "sampler": trainer.sampler.state_dict() if trainer.sampler else None}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(folder / f"epoch_{epoch:03d}.pt", buffer.getvalue())
@@ -275,6 +283,8 @@ def resume(folder: Path, trainer: Trainer, scheduler) -> tuple[int, list]:
                 trainer.theta_optimizer.load_state_dict(state["theta_optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             trainer.scaler.load_state_dict(state["scaler"])
+            if trainer.sampler and state["sampler"]:
+                trainer.sampler.load_state_dict(state["sampler"])
             epoch, history = int(state["epoch"]), list(state["history"])
         except Exception as e:  # noqa: BLE001 — whatever is wrong with it, the one before may be fine
             log.warning("distill: checkpoint %s is not usable (%s); trying the one before", path,
@@ -336,7 +346,7 @@ def images_to_learn_from(which: str, perturbation: str, preset: str) -> str:
 
 
 def run(cfg, run_dir: RunDir) -> dict:
-    settings, recipe = cfg.distill, resolve(cfg.distill)
+    settings, recipe = cfg.distill, methods.configure(resolve(cfg.distill), cfg.teacher)
     out = run_dir.stage_dir("distill")
     device = devices.pick_device(settings.device)
     log.info("distill: %s student, preset %s (%s), on %s", settings.student, settings.preset, describe(recipe), device)
@@ -349,7 +359,7 @@ def run(cfg, run_dir: RunDir) -> dict:
     if autoencoder is not None:
         autoencoder.to(device)
     trainer = Trainer(settings, recipe, teacher, model, sample_weights(recipe, kept, logits), logits, features,
-                      autoencoder, device)
+                      autoencoder, device, kddm.build_sampler(recipe, features, logits, settings.seed))
     if not trainer.online and augments(settings):
         log.warning("distill: teacher_logits cached with augmentation: the cached logits are of the "
                     "un-augmented images")

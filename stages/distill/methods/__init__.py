@@ -6,6 +6,7 @@ A method file declares
                       when the method is off
     PRESET            the settings its preset turns on
     check(r)          (optional) refuses settings that cannot work together
+    configure(r, teacher_cfg)  (optional) fills settings that come from the teacher (DFND's Q diagonal)
     needs(r)          (optional) what the step must provide: "projector", "teacher_features",
                       "autoencoder"
     adjust(r, step)   (optional) per-sample weights, labels or confidences of the batch, before
@@ -39,7 +40,7 @@ PRESETS: dict[str, dict] = {name: method.PRESET for name, method in METHODS.item
 # per-sample loss weights by distill.sample_weights: (recipe, kept rows' filter weights, their
 # teacher logits) → one weight per kept sample
 SAMPLE_WEIGHTS = {"none": lambda r, filter_weights, logits: torch.ones(len(filter_weights)),
-                  "filter": ipwd.sample_weights, "kddm": kddm.sample_weights}
+                  "filter": ipwd.sample_weights}
 
 
 class Recipe(types.SimpleNamespace):
@@ -63,6 +64,14 @@ def resolve(settings) -> Recipe:
             method.check(recipe)
     if recipe.sample_weights not in SAMPLE_WEIGHTS:
         raise UserError(f"distill.sample_weights must be one of {list(SAMPLE_WEIGHTS)}")
+    return recipe
+
+
+def configure(recipe: Recipe, teacher_cfg) -> Recipe:
+    """Fill the settings that come from the teacher's spec (before training)."""
+    for method in METHODS.values():
+        if hasattr(method, "configure"):
+            method.configure(recipe, teacher_cfg)
     return recipe
 
 

@@ -6,7 +6,7 @@ from pipeline.errors import UserError
 from stages.distill import losses
 
 SETTINGS = {"temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1,
-            "sample_weights": "none"}  # none | filter (IPWD) | kddm: the per-sample weight of every term
+            "sample_weights": "none"}  # none | filter (the filter's inverse propensities): the per-sample weight of every term
 PRESET: dict = {}
 
 
