@@ -85,7 +85,7 @@ def test_every_preset_trains_and_logs_its_terms(preset, upstream, small_web, mni
     cfg = config(small_web, run_dir, mnist_teacher, private, f"distill.preset={preset}", "distill.epochs=1", *extra)
     run_stages(cfg, STAGES, only=["distill"])
     history = pd.read_csv(run_dir / "distill" / "history.csv")
-    expected = {"kd": {"kd", "ce"}, "dfnd": {"kd", "noise"}, "ipwd": {"kd", "ce"},
+    expected = {"kd": {"kd", "ce"}, "dfnd": {"kd", "noise"}, "ipwd": {"kd", "ce", "head_ce", "head_kd", "ipwd_weight_max"},
                 "kd3": {"kd", "ce", "feature", "contrastive", "selected"}, "iekd": {"kd", "inherit", "explore"},
                 "kddm": {"kd", "ce", "kddm_entropy", "kddm_top_share"}, "kd3_ipw": {"kd", "contrastive", "selected"},
                 "webdistill": {"kd", "ce"}}[preset]
@@ -192,3 +192,17 @@ def test_offline_mixdistribution_presets_learn_from_the_web_when_synthesis_is_on
     kd = resolve(load_config(None, ["distill.preset=kd"]).distill)
     for which in ("web", "synthetic", "both"):
         assert images_to_learn_from(which, kd.perturbation, "kd") == which
+
+
+def test_folder_labels_are_the_class_folders_and_a_missing_one_is_named():
+    from stages.distill.methods import resolve
+    from stages.distill.stage import class_labels
+
+    rows = pd.DataFrame({"uid": ["a", "b", "c"], "pseudo_label": [1, 1, 2], "synthetic": [False, False, True],
+                         "caption": ["7", "3", None]})
+    names = [str(i) for i in range(10)]
+    folder = resolve(load_config(None, ["distill.labels=folder"]).distill)
+    assert class_labels(folder, rows, names).tolist() == [7, 3, 2]  # a synthesised image keeps its target class
+    assert class_labels(resolve(load_config(None, []).distill), rows, names) is None  # the teacher's labels
+    with pytest.raises(UserError, match="1 transfer-set images have no class folder.*'cat'"):
+        class_labels(folder, rows.assign(caption=["7", "cat", None]), names)

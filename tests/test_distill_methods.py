@@ -165,14 +165,15 @@ def test_presets_fill_nulls_and_explicit_keys_win():
     assert kd3.selection == "threshold" and kd3.classifier == "shared" and kd3.perturbation == "offline"
     mixed = resolve(load_config(None, ["distill.preset=kd3", "distill.classifier=own", "distill.temperature=2"]).distill)
     assert mixed.classifier == "own" and mixed.temperature == 2.0 and mixed.selection == "threshold"
-    assert resolve(load_config(None, ["distill.preset=ipwd"]).distill).sample_weights == "filter"
+    ipwd = resolve(load_config(None, ["distill.preset=ipwd"]).distill)
+    assert ipwd.propensity == "two_head" and ipwd.ipwd_formula == "bayes" and ipwd.sample_weights == "none"
     assert set(PRESETS) == {"kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"}
     # the bench's choice: webdistill is Hinton KD; the KD³ + IPW recipe it replaced lives on as kd3_ipw
     def recipe(preset):
         return resolve(load_config(None, [f"distill.preset={preset}"]).distill)
 
     assert recipe("webdistill") == recipe("kd")
-    assert recipe("kd3_ipw") == Recipe(**{**vars(kd3), "sample_weights": "filter"})
+    assert recipe("kd3_ipw") == Recipe(**{**vars(kd3), "sample_weights": "filter"})  # the filter's weights
     with pytest.raises(UserError, match="perturbed view"):
         resolve(load_config(None, ["distill.contrastive_weight=0.5"]).distill)
     with pytest.raises(UserError, match="did you mean 'temperature'"):
@@ -198,7 +199,8 @@ def test_every_method_declares_settings_of_the_config_and_named_terms(name):
     n, classes = 4, 3
     torch.manual_seed(0)
     step = Step(torch.randn(n, classes), torch.randn(n, classes), torch.randn(n, 5),
-                {"projected": torch.randn(2 * n, 5)}, weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long),
+                {"projected": torch.randn(2 * n, 5), "head_cls": torch.randn(n, classes),
+                 "head_kd": torch.randn(n, classes)}, weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long),
                 confidence=torch.ones(n), epoch_fraction=0.5, model=SimpleNamespace(theta=torch.zeros(classes, 2)),
                 teacher_head=None, autoencoder=None)
     if hasattr(method, "adjust"):
@@ -263,3 +265,76 @@ def test_dfnd_q_diagonal_is_the_teachers_reported_accuracy_unless_set():
     assert diagonal() == 0.95
     kd = load_config(None, ["teacher.accuracy=0.9913"])  # a recipe without noise adaptation is left as it is
     assert configure(resolve(kd.distill), kd.teacher).teacher_accuracy is None
+
+
+# ---------------------------------------------------------------- IPWD
+
+def test_ipwd_weights_both_formulas_by_hand():
+    from stages.distill.methods.ipwd import logit_norm, propensity_weights
+
+    z = torch.tensor([[3.0, 4.0]])
+    assert torch.allclose(logit_norm(z, 0.5), torch.tensor([[1.2, 1.6]]))  # z / (τ‖z‖), ‖z‖ = 5
+    cls, kd = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    p_cls = torch.softmax(logit_norm(cls, 1.0), 1)[[0, 1], labels]
+    p_kd = torch.softmax(logit_norm(kd, 1.0), 1)[[0, 1], labels]
+    bayes = 1 + p_cls / p_kd
+    assert torch.allclose(propensity_weights(cls, kd, labels, "bayes", 1.0, 10.0), bayes / bayes.mean())
+    literal = 1 + (-p_cls.log()) / (-p_kd.log())
+    assert torch.allclose(propensity_weights(cls, kd, labels, "literal", 1.0, 10.0), literal / literal.mean())
+    # a sample the KD head gives its label little probability gets the larger Bayes weight, clipped
+    cls, kd = torch.tensor([[5.0, 0.0], [5.0, 0.0]]), torch.tensor([[5.0, 0.0], [0.0, 5.0]])
+    w = propensity_weights(cls, kd, torch.tensor([0, 0]), "bayes", 0.5, 1.5)
+    assert w[1] == 1.5 and w[0] < 1
+
+
+def test_ipwd_weights_only_the_kd_term():
+    from stages.distill.methods import Step, loss
+
+    cfg = load_config(None, ["distill.preset=ipwd"])
+    recipe = configure(resolve(cfg.distill), cfg.teacher)
+    torch.manual_seed(0)
+    n, c = 6, 3
+    out = {"head_cls": torch.randn(n, c), "head_kd": torch.randn(n, c)}
+    student, teacher = torch.randn(n, c), torch.randn(n, c)
+    step = Step(student, teacher, None, out, weight=torch.ones(n), labels=teacher.argmax(1),
+                confidence=torch.ones(n), epoch_fraction=0.5, model=None, teacher_head=None, autoencoder=None)
+    _, terms = loss(recipe, step)
+    from stages.distill.methods.ipwd import propensity_weights
+
+    w = propensity_weights(out["head_cls"], out["head_kd"], teacher.argmax(1), "bayes", 0.04, 10.0)
+    assert close(terms["kd"], (losses.kd_per_sample(student, teacher, 4.0) * w).mean())
+    assert close(terms["ce"], losses.ce_per_sample(student, teacher.argmax(1)).mean())  # unweighted
+    assert {"head_ce", "head_kd", "ipwd_weight_max"} <= set(terms)
+
+
+def test_two_head_propensities_up_weight_what_the_teacher_under_represents():
+    """A planted imbalance: class 0 is 90% of the data and the teacher is sure of it; on the rare class 1
+    the teacher gives the true label only 0.55. After training the heads as distill does, IPWD's weights
+    are larger on the rare class."""
+    from stages.distill.methods import Step, loss
+
+    cfg = load_config(None, ["distill.preset=ipwd"])
+    recipe = configure(resolve(cfg.distill), cfg.teacher)
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(400, generator=generator) < 0.1).long()
+    features = torch.randn(400, 4, generator=generator) * 0.3 + torch.stack(
+        [labels.float() * 2 - 1, 1 - labels.float() * 2, torch.zeros(400), torch.ones(400)], 1)
+    p_true = torch.where(labels == 0, 0.95, 0.55)
+    teacher = torch.stack([torch.where(labels == 0, p_true, 1 - p_true), torch.where(labels == 1, p_true, 1 - p_true)],
+                          1).log()
+    heads = torch.nn.ModuleDict({"cls": torch.nn.Linear(4, 2), "kd": torch.nn.Linear(4, 2)})
+    optimizer = torch.optim.Adam(heads.parameters(), lr=0.05)
+    for _ in range(300):
+        out = {"head_cls": heads["cls"](features), "head_kd": heads["kd"](features)}
+        step = Step(torch.zeros(400, 2), teacher, None, out, weight=torch.ones(400), labels=labels,
+                    confidence=torch.ones(400), epoch_fraction=0.5, model=None, teacher_head=None, autoencoder=None)
+        total, _ = loss(recipe, step)
+        optimizer.zero_grad()
+        total.backward()  # the kd and ce terms are constants here (fixed student logits, weights detached)
+        optimizer.step()
+    from stages.distill.methods.ipwd import propensity_weights
+
+    with torch.no_grad():
+        w = propensity_weights(heads["cls"](features), heads["kd"](features), labels, "bayes", 0.04, 10.0)
+    assert w[labels == 1].mean() > 1.2 * w[labels == 0].mean()

@@ -16,10 +16,10 @@ class DistillConfig:
                                choices=("webdistill", "timm", "torchvision"))
     student_kwargs: dict = opt({}, "keyword arguments of the student architecture (e.g. width_mult: 2)")
     preset: str = opt("webdistill", "loss recipe: kd (Hinton), dfnd (noise adaptation + per-batch confident "
-                      "half), ipwd (KD weighted by the filter's inverse propensities), kd3 (dynamic selection, feature "
+                      "half), ipwd (KD weighted by two-head inverse propensities), kd3 (dynamic selection, feature "
                       "alignment, shared classifier, InfoNCE with MixDistribution), iekd (inheritance and "
-                      "exploration), kddm (sampling distribution favouring what the teacher knows), kd3_ipw (kd3 "
-                      "with ipwd's weights), webdistill (the recipe the benchmark chose for the filtered set: "
+                      "exploration), kddm (batches drawn from a learned distribution favouring what the teacher knows), kd3_ipw (kd3 "
+                      "with the filter's inverse-propensity weights), webdistill (the recipe the benchmark chose for the filtered set: "
                       "Hinton KD, as kd)",
                       choices=("kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"))
     transfer_set: str = opt("both", "what the student learns from: web (perturb's shards: the filter's kept images "
@@ -56,8 +56,20 @@ class DistillConfig:
     temperature: float | None = opt(None, "KD temperature T (preset: 4)", valid="> 0")
     kd_weight: float | None = opt(None, "weight of T²·KL(teacher ‖ student) (preset: 0.9)", valid=">= 0")
     ce_weight: float | None = opt(None, "weight of the cross-entropy with the teacher's hard label (preset: 0.1)", valid=">= 0")
-    sample_weights: str | None = opt(None, "per-sample loss weights: none, filter (the filter's inverse-propensity "
-                                     "weights: IPWD)", choices=(None, "none", "filter"))
+    labels: str | None = opt(None, "the labels of the CE term (and of IPWD's and PS-KD's label terms): teacher (its "
+                             "hard labels; preset) or folder (each image's class folder: a labelled transfer set crawled "
+                             "with data.source: folder, one sub-folder per class name)", choices=(None, "teacher", "folder"))
+    sample_weights: str | None = opt(None, "per-sample weights of every term: none, or filter (the filter's "
+                                     "class-frequency or density inverse-propensity weights, filter.propensity)",
+                                     choices=(None, "none", "filter"))
+    propensity: str | None = opt(None, "IPWD: none, or two_head (the inverse propensity 1/P(machine | x, y) from two "
+                                 "heads on the student, CE on the labels and KD on the teacher, weights the KD term)",
+                                 choices=(None, "none", "two_head"))
+    ipwd_formula: str | None = opt(None, "IPWD's weight: bayes (1 + p_cls(y|x)/p_kd(y|x); preset) or literal "
+                                   "(1 + CE_cls/CE_kd)", choices=(None, "bayes", "literal"))
+    ipwd_tau: float | None = opt(None, "IPWD: LogitNorm temperature of the two heads' logits (preset: 0.04)", valid="> 0")
+    ipwd_clip: float | None = opt(None, "IPWD: weights (mean 1 per batch) are clipped at this (preset: 10)", valid="> 0")
+    ipwd_start: float | None = opt(None, "IPWD: share of training before the weights apply (preset: 0)", valid="[0, 1]")
     batch_select: float | None = opt(None, "keep only this share of each batch, most confident first (DFND as "
                                      "mmrazor; 1: all)", valid="(0, 1]")
     noise_adaptation_weight: float | None = opt(None, "weight of DFND's noise-adaptation loss NLL(log(p_s·Q), ŷ_t)", valid=">= 0")

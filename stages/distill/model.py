@@ -1,7 +1,8 @@
 """What trains in distill: the student and the small modules some losses add.
 
 ``DistillModel`` holds them all so that one DDP wrapper synchronises every gradient: the student
-(with KD³'s projector and shared head), IE-KD's two factor encoders, DFND's transition logits θ.
+(with KD³'s projector and shared head), IE-KD's two factor encoders, DFND's transition logits θ,
+IPWD's two propensity heads.
 The teacher-feature auto-encoder of IE-KD is trained before the student, on the teacher
 features score cached, and then frozen.
 """
@@ -61,9 +62,12 @@ def train_autoencoder(features: torch.Tensor, epochs: int, seed: int, batch_size
 
 class DistillModel(nn.Module):
     def __init__(self, student: Student, num_classes: int, factor_dim: int | None, learn_transition: bool,
-                 mix_layer: str | None, mix_alpha: float):
+                 mix_layer: str | None, mix_alpha: float, propensity_heads: bool = False):
         super().__init__()
         self.student = student
+        # IPWD's two heads: CE on the labels, KD on the teacher (on detached features: they only estimate)
+        self.head_cls = nn.Linear(student.feature_dim, num_classes) if propensity_heads else None
+        self.head_kd = nn.Linear(student.feature_dim, num_classes) if propensity_heads else None
         half = student.feature_dim // 2
         self.inherit = mlp_encoder(half, factor_dim) if factor_dim else None
         self.explore = mlp_encoder(student.feature_dim - half, factor_dim) if factor_dim else None
@@ -95,6 +99,8 @@ class DistillModel(nn.Module):
         out = {"logits": logits, "features": features}
         if self.student.projector is not None:
             out["projected"] = self.student.projector(features)
+        if self.head_cls is not None:
+            out["head_cls"], out["head_kd"] = self.head_cls(features.detach()), self.head_kd(features.detach())
         if self.inherit is not None:
             half = self.student.feature_dim // 2
             out["inherit"], out["explore"] = self.inherit(features[:, :half]), self.explore(features[:, half:])

@@ -35,6 +35,7 @@ import torch
 
 from manifests import atomic_write_bytes
 from manifests.artifacts import (
+    CRAWL_MANIFEST,
     DISTILL_SUMMARY,
     FEATURES,
     HISTORY,
@@ -80,7 +81,7 @@ def _shards(run_dir: RunDir, folder, counts, inventory) -> dict[str, int]:
 def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web", with_features: bool = True
                  ) -> tuple[TransferSet, pd.DataFrame, np.ndarray, np.ndarray | None]:
     """The shards the student learns from (``which``: web, synthetic or both), the samples' rows (uid,
-    filter weight, pseudo-label; web rows first, in selection order, then synthetic ones) and the teacher's
+    filter weight, pseudo-label, synthetic or not, the crawl's caption; web rows first, in selection order, then synthetic ones) and the teacher's
     cached logits and features of each row (joined on uid): row i of every per-sample array distill holds
     belongs to row i of the frame. The features are read only ``with_features`` (None otherwise)."""
     shards, parts, logits, features = {}, [], [], []
@@ -88,7 +89,7 @@ def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web", with
         shards |= _shards(run_dir, PERTURB_FOLDER, PERTURB_COUNTS, PERTURB_INVENTORY)
         selection = run_dir.read(SELECTION_MANIFEST, columns=["uid", "keep", "weight", "pseudo_label"])
         kept = selection[selection["keep"]]
-        parts.append(kept[["uid", "weight", "pseudo_label"]])
+        parts.append(kept[["uid", "weight", "pseudo_label"]].assign(synthetic=False))
         logits.append(run_dir.rows(LOGITS, kept["uid"]))
         if with_features:
             features.append(run_dir.rows(FEATURES, kept["uid"]))
@@ -99,14 +100,33 @@ def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web", with
                             "is none); set synthesize.start to noise or kept, or distill.transfer_set to web")
         if len(synthetic):
             shards |= _shards(run_dir, SYNTHESIS_FOLDER, SYNTHESIS_COUNTS, SYNTHESIS_INVENTORY)
-            parts.append(synthetic.assign(weight=np.float32(1.0))[["uid", "weight", "pseudo_label"]])
+            parts.append(synthetic.assign(weight=np.float32(1.0), synthetic=True)[["uid", "weight", "pseudo_label",
+                                                                                "synthetic"]])
             logits.append(run_dir.rows(SYNTHESIS_LOGITS, synthetic["uid"]))
             if with_features:
                 features.append(run_dir.rows(SYNTHESIS_FEATURES, synthetic["uid"]))
     rows = pd.concat(parts, ignore_index=True)
+    captions = run_dir.read(CRAWL_MANIFEST, columns=["uid", "caption"]).set_index("uid")["caption"]
+    rows["caption"] = rows["uid"].map(captions)  # a folder source's class folder; none for synthetic images
     data = TransferSet(shards, dict(zip(rows["uid"], rows.index)), split)
     return data, rows, np.concatenate(logits), \
         np.concatenate([f.astype(np.float32) for f in features]) if with_features else None
+
+
+def class_labels(recipe: Recipe, rows: pd.DataFrame, class_names: list[str]) -> torch.Tensor | None:
+    """The human labels of the transfer set (``distill.labels: folder``: each image's class folder, as
+    ``data.source: folder`` crawls it; synthesised images keep their target class); None: the teacher's."""
+    if recipe.labels != "folder":
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = rows["caption"].map(index).where(~rows["synthetic"], rows["pseudo_label"])
+    missing = rows.loc[labels.isna(), "caption"].fillna("(none)")
+    if len(missing):
+        shown = ", ".join(repr(c) for c in missing.drop_duplicates().head(3))
+        raise UserError(f"distill.labels folder: {len(missing)} transfer-set images have no class folder named after "
+                        f"a teacher class (e.g. {shown}); crawl a folder with one sub-folder per class name "
+                        f"(data.source: folder), or set distill.labels: teacher")
+    return torch.as_tensor(labels.to_numpy(np.int64))
 
 
 def sample_weights(recipe: Recipe, kept: pd.DataFrame, logits: np.ndarray) -> torch.Tensor:
@@ -138,8 +158,9 @@ class Trainer:
 
     def __init__(self, settings: DistillConfig, recipe: Recipe, teacher: Teacher, model: DistillModel,
                  weights: torch.Tensor, cached_logits: np.ndarray, cached_features: np.ndarray | None,
-                 autoencoder, device: torch.device, sampler=None):
+                 autoencoder, device: torch.device, sampler=None, labels: torch.Tensor | None = None):
         self.settings, self.recipe, self.teacher, self.model = settings, recipe, teacher, model
+        self.labels = labels  # the human labels of each row (distill.labels: folder), or None: the teacher's
         self.sampler = sampler  # KDDM's learned distribution the batches are drawn from (None: the stream's order)
         self.teacher_head = torch.as_tensor(teacher.classifier[0], device=device) \
             if recipe.classifier == "aligned" else None
@@ -199,7 +220,8 @@ class Trainer:
         s_logits = out["logits"][:n]
 
         step = Step(s_logits, t_logits, t_features, out, weight=self.weights[rows].to(self.device),
-                    labels=t_logits.argmax(1), confidence=torch.ones(n, device=self.device),
+                    labels=t_logits.argmax(1) if self.labels is None else self.labels[rows].to(self.device),
+                    confidence=torch.ones(n, device=self.device),
                     epoch_fraction=epoch_fraction, model=self.model, teacher_head=self.teacher_head,
                     autoencoder=self.autoencoder)
         total, terms = methods.loss(r, step)
@@ -319,7 +341,8 @@ def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher,
         log.info("distill: IE-KD auto-encoder, %d epochs, reconstruction L1 %.4f", settings.ae_epochs,
                  ae_history[-1] if ae_history else float("nan"))
     model = DistillModel(student, teacher.num_classes, factor_dim, recipe.noise_adaptation_weight > 0,
-                         settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha)
+                         settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha,
+                         "propensity_heads" in needs)
     return model, autoencoder, ae_history
 
 
@@ -359,7 +382,8 @@ def run(cfg, run_dir: RunDir) -> dict:
     if autoencoder is not None:
         autoencoder.to(device)
     trainer = Trainer(settings, recipe, teacher, model, sample_weights(recipe, kept, logits), logits, features,
-                      autoencoder, device, kddm.build_sampler(recipe, features, logits, settings.seed))
+                      autoencoder, device, kddm.build_sampler(recipe, features, logits, settings.seed),
+                      class_labels(recipe, kept, teacher.class_names))
     if not trainer.online and augments(settings):
         log.warning("distill: teacher_logits cached with augmentation: the cached logits are of the "
                     "un-augmented images")

@@ -8,7 +8,7 @@ A method file declares
     check(r)          (optional) refuses settings that cannot work together
     configure(r, teacher_cfg)  (optional) fills settings that come from the teacher (DFND's Q diagonal)
     needs(r)          (optional) what the step must provide: "projector", "teacher_features",
-                      "autoencoder"
+                      "autoencoder", "propensity_heads"
     adjust(r, step)   (optional) per-sample weights, labels or confidences of the batch, before
                       any loss term (DFND's batch selection, KD³'s dynamic selection)
     terms(r, step)    its named loss terms: {name: (weight, value)}
@@ -29,8 +29,8 @@ from stages.distill.methods import dfnd, iekd, ipwd, kd, kd3, kddm
 METHODS = {"kd": kd, "dfnd": dfnd, "ipwd": ipwd, "kd3": kd3, "iekd": iekd, "kddm": kddm}
 
 PRESETS: dict[str, dict] = {name: method.PRESET for name, method in METHODS.items()} | {
-    # KD³'s recipe with IPWD's filter weights on every term
-    "kd3_ipw": kd3.PRESET | ipwd.PRESET,
+    # KD³'s recipe with the filter's class-frequency inverse-propensity weights on every term
+    "kd3_ipw": kd3.PRESET | {"sample_weights": "filter"},
     # webdistill: Hinton KD on the FAISS filter's kept set. On the filtered set no published add-on
     # helped in the benchmark (IPW, KD³, IE-KD, tempered IPW, elastic views, other T: README
     # Results, bench/results/), so the preset is the loss they all build on; the filter does the work.
@@ -87,8 +87,9 @@ def describe(recipe: Recipe) -> str:
 
 @dataclass
 class Step:
-    """One batch as the loss methods see it. ``weight`` (per sample), ``labels`` (the teacher's
-    hard labels) and ``confidence`` start neutral; methods' ``adjust`` may change them.
+    """One batch as the loss methods see it. ``weight`` (per sample, every term), ``kd_weight`` (per
+    sample, the KD term), ``labels`` (the teacher's hard labels, or the human ones with ``labels:
+    folder``) and ``confidence`` start neutral; methods' ``adjust`` may change them.
     ``sample_weight`` keeps the per-sample weights from before any batch selection (``adjust``
     masks ``weight`` only), for terms that see the whole batch (DFND's noise adaptation)."""
 
@@ -105,9 +106,11 @@ class Step:
     autoencoder: object | None  # IE-KD's teacher-feature auto-encoder
     logged: dict = field(default_factory=dict)  # per-batch diagnostics for the history (not losses)
     sample_weight: torch.Tensor = field(init=False)
+    kd_weight: torch.Tensor = field(init=False)  # per-sample weight of the KD term alone (IPWD's)
 
     def __post_init__(self):
         self.sample_weight = self.weight
+        self.kd_weight = torch.ones_like(self.weight)
 
     @property
     def n(self) -> int:
