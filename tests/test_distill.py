@@ -31,7 +31,7 @@ from stages.distill.data import (
 )
 from stages.distill.methods import resolve
 from stages.distill.stage import images_to_learn_from
-from tests.conftest import REPO, config, free_port, fresh, kill_stage_when, student_weights
+from tests.conftest import REPO, UPSTREAM, config, free_port, fresh, kill_stage_when, student_weights
 
 # ---------------------------------------------------------------- data plan
 
@@ -206,3 +206,35 @@ def test_folder_labels_are_the_class_folders_and_a_missing_one_is_named():
     assert class_labels(resolve(load_config(None, []).distill), rows, names) is None  # the teacher's labels
     with pytest.raises(UserError, match="1 transfer-set images have no class folder.*'cat'"):
         class_labels(folder, rows.assign(caption=["7", "cat", None]), names)
+
+
+@pytest.fixture(scope="module")
+def labelled(private, mnist_teacher, small_web, tmp_path_factory):
+    """A labelled transfer set: 20 private train images per class in a folder per class name, crawled
+    (data.source: folder) and scored, the filter keeping all (IPWD's and PS-KD's setting)."""
+    from demo.teacher import private_split
+
+    root = tmp_path_factory.mktemp("labelled")
+    images, labels = private_split(private, "train")
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for i in np.concatenate([np.flatnonzero(labels == c)[:20] for c in range(10)]):
+        (root / "images" / names[labels[i]]).mkdir(parents=True, exist_ok=True)
+        images[i].save(root / "images" / names[labels[i]] / f"{i}.png")
+    overrides = ["data.source=folder", f"data.folder={root / 'images'}", "data.serve_folder=null",
+                 "filter.policy=none", "filter.min_similarity=null", "distill.labels=folder"]
+    run_stages(config(small_web, root / "run", mnist_teacher, private, *overrides), STAGES, only=UPSTREAM)
+    return root / "run", overrides
+
+
+@pytest.mark.parametrize("preset, terms", [("ipwd", {"kd", "ce", "head_ce", "head_kd", "ipwd_weight_max"}),
+                                           ("pskd_ipwd", {"pskd", "head_ce", "head_kd", "ipwd_weight_max"})])
+def test_ipwd_two_stage_and_one_stage_train_on_a_labelled_folder(preset, terms, labelled, small_web, mnist_teacher,
+                                                                 private, tmp_path):
+    upstream, overrides = labelled
+    run_dir = fresh(upstream, tmp_path / "run")
+    cfg = config(small_web, run_dir, mnist_teacher, private, *overrides, f"distill.preset={preset}", "distill.epochs=2")
+    run_stages(cfg, STAGES, only=["distill"])
+    history = pd.read_csv(run_dir / "distill" / "history.csv")
+    assert terms <= set(history.columns) and np.isfinite(history[sorted(terms)].to_numpy()).all()
+    assert (history["ipwd_weight_max"] > 1).all()  # the weights differ between samples
+    assert pd.read_json(run_dir / "distill" / "summary.json", typ="series")["transfer_set"] == 200

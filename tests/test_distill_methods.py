@@ -167,7 +167,7 @@ def test_presets_fill_nulls_and_explicit_keys_win():
     assert mixed.classifier == "own" and mixed.temperature == 2.0 and mixed.selection == "threshold"
     ipwd = resolve(load_config(None, ["distill.preset=ipwd"]).distill)
     assert ipwd.propensity == "two_head" and ipwd.ipwd_formula == "bayes" and ipwd.sample_weights == "none"
-    assert set(PRESETS) == {"kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"}
+    assert set(PRESETS) == {"kd", "pskd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "pskd_ipwd", "kd3_ipw", "webdistill"}
     # the bench's choice: webdistill is Hinton KD; the KD³ + IPW recipe it replaced lives on as kd3_ipw
     def recipe(preset):
         return resolve(load_config(None, [f"distill.preset={preset}"]).distill)
@@ -202,7 +202,7 @@ def test_every_method_declares_settings_of_the_config_and_named_terms(name):
                 {"projected": torch.randn(2 * n, 5), "head_cls": torch.randn(n, classes),
                  "head_kd": torch.randn(n, classes)}, weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long),
                 confidence=torch.ones(n), epoch_fraction=0.5, model=SimpleNamespace(theta=torch.zeros(classes, 2)),
-                teacher_head=None, autoencoder=None)
+                teacher_head=None, autoencoder=None, previous=torch.softmax(torch.randn(n, classes), 1))
     if hasattr(method, "adjust"):
         method.adjust(recipe, step)
     for term, (weight, value) in method.terms(recipe, step).items():
@@ -338,3 +338,61 @@ def test_two_head_propensities_up_weight_what_the_teacher_under_represents():
     with torch.no_grad():
         w = propensity_weights(heads["cls"](features), heads["kd"](features), labels, "bayes", 0.04, 10.0)
     assert w[labels == 1].mean() > 1.2 * w[labels == 0].mean()
+
+
+# ---------------------------------------------------------------- PS-KD (IPWD's one-stage setting)
+
+def test_pskd_target_schedule_and_loss_by_hand():
+    from stages.distill.methods import Step, loss, pskd
+
+    recipe = resolve(load_config(None, ["distill.preset=pskd"]).distill)
+    assert recipe.labels == "folder" and recipe.kd_weight == 0 and recipe.ce_weight == 0
+    # α_t = α_T·(epoch + 1)/epochs, as the official code: 0.16, 0.32, …, 0.8 over 5 epochs
+    assert [round(pskd.alpha(recipe, e, 5), 4) for e in range(5)] == [0.16, 0.32, 0.48, 0.64, 0.8]
+    store = torch.full((4, 3), 1 / 3)
+    labels = torch.tensor([2, 0])
+    first = pskd.previous_targets(store, torch.tensor([1, 3]), labels, epoch=0)
+    assert torch.equal(first, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))  # one-hot in the first epoch
+    later = pskd.previous_targets(store, torch.tensor([0]), torch.tensor([1]), epoch=3)
+    assert torch.equal(later, torch.full((1, 3), 1 / 3))  # the stored predictions afterwards
+
+    student = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    previous = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])
+    labels = torch.tensor([0, 2])
+    step = Step(student, torch.zeros(2, 3), None, {}, weight=torch.ones(2), labels=labels, confidence=torch.ones(2),
+                epoch_fraction=0.5, model=None, teacher_head=None, autoencoder=None, previous=previous, epoch=2,
+                epochs=5)
+    _, terms = loss(recipe, step)
+    assert set(terms) == {"pskd"}  # the preset's only term: no teacher KD, no plain CE
+    a = 0.48
+    target = (1 - a) * torch.nn.functional.one_hot(labels, 3).float() + a * previous
+    expected = -(target * torch.log_softmax(student, 1)).sum(1).mean()
+    assert close(terms["pskd"], expected)
+
+
+def test_pskd_ipwd_weights_the_self_distilled_part_and_learns_the_previous_predictions():
+    from stages.distill.methods import Step, loss
+    from stages.distill.methods.ipwd import propensity_weights
+
+    recipe = resolve(load_config(None, ["distill.preset=pskd_ipwd"]).distill)
+    torch.manual_seed(1)
+    student, previous = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    labels = torch.tensor([0, 1, 2, 0])
+    out = {"head_cls": torch.randn(4, 3), "head_kd": torch.randn(4, 3)}
+    step = Step(student, torch.zeros(4, 3), None, out, weight=torch.ones(4), labels=labels, confidence=torch.ones(4),
+                epoch_fraction=0.9, model=None, teacher_head=None, autoencoder=None, previous=previous, epoch=4,
+                epochs=5)
+    _, terms = loss(recipe, step)
+    w = propensity_weights(out["head_cls"], out["head_kd"], labels, "bayes", 0.04, 10.0)
+    log_p = torch.log_softmax(student, 1)
+    expected = (0.2 * -log_p[range(4), labels] + 0.8 * w * -(previous * log_p).sum(1)).mean()
+    assert close(terms["pskd"], expected)
+    # the KD head's target is the previous predictions (the "machine domain" of self-distillation), at T = 1
+    kd_head = losses.kd_per_sample(ipwd_logit_norm(out["head_kd"]), previous.log(), 1.0).mean()
+    assert close(terms["head_kd"], kd_head)
+
+
+def ipwd_logit_norm(z):
+    from stages.distill.methods.ipwd import logit_norm
+
+    return logit_norm(z, 0.04)

@@ -19,9 +19,11 @@ class DistillConfig:
                       "half), ipwd (KD weighted by two-head inverse propensities), kd3 (dynamic selection, feature "
                       "alignment, shared classifier, InfoNCE with MixDistribution), iekd (inheritance and "
                       "exploration), kddm (batches drawn from a learned distribution favouring what the teacher knows), kd3_ipw (kd3 "
-                      "with the filter's inverse-propensity weights), webdistill (the recipe the benchmark chose for the filtered set: "
+                      "with the filter's inverse-propensity weights), pskd (self-distillation without the teacher "
+                      "from the student's previous-epoch predictions, on human labels), pskd_ipwd (pskd with ipwd's "
+                      "weights), webdistill (the recipe the benchmark chose for the filtered set: "
                       "Hinton KD, as kd)",
-                      choices=("kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"))
+                      choices=("kd", "pskd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "pskd_ipwd", "kd3_ipw", "webdistill"))
     transfer_set: str = opt("both", "what the student learns from: web (perturb's shards: the filter's kept images "
                             "and their perturbations), synthetic (the synthesize stage's images alone), both "
                             "(web plus whatever synthesize wrote; web alone when synthesize.start is none)",
@@ -100,6 +102,11 @@ class DistillConfig:
     sampler: str | None = opt(None, "how batches are drawn: none (the shuffled stream) or kddm (resampled from KDDM's "
                               "learned distribution over clusters of the transfer set, favouring what the teacher "
                               "classifies confidently)", choices=(None, "none", "kddm"))
+    self_distill: str | None = opt(None, "none, or pskd: the target is (1 − α_t)·one-hot(label) + α_t·(the student's "
+                                   "own prediction of the previous epoch), no teacher (needs labels: folder)",
+                                   choices=(None, "none", "pskd"))
+    pskd_alpha: float | None = opt(None, "PS-KD: α_T, the final weight of the previous predictions (preset: 0.8)",
+                                   valid="[0, 1]")
     kddm_gamma: float | None = opt(None, "KDDM: weight γ of the distribution's entropy in its objective "
                                    "Σ π·confidence + γ·H(π) (preset: 0.1)", valid=">= 0")
     kddm_entropy_floor: float | None = opt(None, "KDDM: the distribution's entropy never falls below this share of "

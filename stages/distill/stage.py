@@ -62,7 +62,7 @@ from stages.distill import methods
 from stages.distill.augment import augment, augments, mixup
 from stages.distill.config import DistillConfig
 from stages.distill.data import TransferSet
-from stages.distill.methods import SAMPLE_WEIGHTS, Recipe, Step, describe, kddm, resolve
+from stages.distill.methods import SAMPLE_WEIGHTS, Recipe, Step, describe, kddm, pskd, resolve
 from stages.distill.model import DistillModel, train_autoencoder
 
 log = logging.getLogger("webdistill.distill")
@@ -161,6 +161,8 @@ class Trainer:
                  autoencoder, device: torch.device, sampler=None, labels: torch.Tensor | None = None):
         self.settings, self.recipe, self.teacher, self.model = settings, recipe, teacher, model
         self.labels = labels  # the human labels of each row (distill.labels: folder), or None: the teacher's
+        # PS-KD: every row's prediction of the previous epoch (probabilities)
+        self.previous = torch.zeros(len(weights), teacher.num_classes) if recipe.self_distill == "pskd" else None
         self.sampler = sampler  # KDDM's learned distribution the batches are drawn from (None: the stream's order)
         self.teacher_head = torch.as_tensor(teacher.classifier[0], device=device) \
             if recipe.classifier == "aligned" else None
@@ -196,7 +198,8 @@ class Trainer:
             features = torch.from_numpy(np.asarray(self.cached_features[idx], np.float32)).to(self.device)
         return logits, features
 
-    def loss(self, batch: dict, epoch_fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: dict, epoch: int, epochs: int, epoch_fraction: float,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         r, s = self.recipe, self.settings
         views = [augment(batch[key].to(self.device, non_blocking=True), s, generator)
                  for key in ("image", "mix") if key == "image" or r.perturbation == "offline"]
@@ -219,11 +222,15 @@ class Trainer:
         out = {k: v.float() for k, v in out.items()}
         s_logits = out["logits"][:n]
 
-        step = Step(s_logits, t_logits, t_features, out, weight=self.weights[rows].to(self.device),
-                    labels=t_logits.argmax(1) if self.labels is None else self.labels[rows].to(self.device),
-                    confidence=torch.ones(n, device=self.device),
-                    epoch_fraction=epoch_fraction, model=self.model, teacher_head=self.teacher_head,
-                    autoencoder=self.autoencoder)
+        labels = t_logits.argmax(1) if self.labels is None else self.labels[rows].to(self.device)
+        previous = None
+        if self.previous is not None:  # PS-KD: the previous epoch's predictions, then this epoch's kept for the next
+            previous = pskd.previous_targets(self.previous, rows, labels, epoch).to(self.device)
+            self.previous[rows] = s_logits.detach().softmax(1).cpu()
+        step = Step(s_logits, t_logits, t_features, out, weight=self.weights[rows].to(self.device), labels=labels,
+                    confidence=torch.ones(n, device=self.device), epoch_fraction=epoch_fraction, model=self.model,
+                    teacher_head=self.teacher_head, autoencoder=self.autoencoder, previous=previous, epoch=epoch,
+                    epochs=epochs)
         total, terms = methods.loss(r, step)
         terms["agreement"] = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
         return total, terms
@@ -240,7 +247,7 @@ class Trainer:
                 batch = {k: torch.cat([v, v]) for k, v in batch.items()}  # (skipping it would stall DDP)
             if self.sampler is not None:
                 batch = self.sampler.draw(batch, generator)
-            loss, terms = self.loss(batch, (epoch + step / steps) / epochs, generator)  # progress, 0 → 1
+            loss, terms = self.loss(batch, epoch, epochs, (epoch + step / steps) / epochs, generator)  # progress 0 → 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.theta_optimizer:
                 self.theta_optimizer.zero_grad(set_to_none=True)
@@ -274,14 +281,15 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("epoch_*.pt"))
 
 
-_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "theta_optimizer", "scheduler", "scaler", "history", "sampler"}
+_CHECKPOINT_KEYS = {"epoch", "model", "optimizer", "theta_optimizer", "scheduler", "scaler", "history", "sampler",
+                    "previous"}
 
 
 def save_checkpoint(folder: Path, epoch: int, trainer: Trainer, scheduler, history: list, keep: int) -> None:
     state = {"epoch": epoch, "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
              "theta_optimizer": trainer.theta_optimizer.state_dict() if trainer.theta_optimizer else None,
              "scheduler": scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "history": history,
-             "sampler": trainer.sampler.state_dict() if trainer.sampler else None}
+             "sampler": trainer.sampler.state_dict() if trainer.sampler else None, "previous": trainer.previous}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(folder / f"epoch_{epoch:03d}.pt", buffer.getvalue())
@@ -307,6 +315,8 @@ def resume(folder: Path, trainer: Trainer, scheduler) -> tuple[int, list]:
             trainer.scaler.load_state_dict(state["scaler"])
             if trainer.sampler and state["sampler"]:
                 trainer.sampler.load_state_dict(state["sampler"])
+            if trainer.previous is not None and state["previous"] is not None:
+                trainer.previous.copy_(state["previous"])
             epoch, history = int(state["epoch"]), list(state["history"])
         except Exception as e:  # noqa: BLE001 — whatever is wrong with it, the one before may be fine
             log.warning("distill: checkpoint %s is not usable (%s); trying the one before", path,

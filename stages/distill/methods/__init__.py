@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.errors import UserError
-from stages.distill.methods import dfnd, iekd, ipwd, kd, kd3, kddm
+from stages.distill.methods import dfnd, iekd, ipwd, kd, kd3, kddm, pskd
 
-METHODS = {"kd": kd, "dfnd": dfnd, "ipwd": ipwd, "kd3": kd3, "iekd": iekd, "kddm": kddm}
+# registry order is the order of ``adjust`` and of the terms: PS-KD's targets before IPWD reads them
+METHODS = {"kd": kd, "pskd": pskd, "dfnd": dfnd, "ipwd": ipwd, "kd3": kd3, "iekd": iekd, "kddm": kddm}
 
 PRESETS: dict[str, dict] = {name: method.PRESET for name, method in METHODS.items()} | {
+    # IPWD's one-stage setting: PS-KD with the two-head weights on its self-distilled part
+    "pskd_ipwd": pskd.PRESET | ipwd.PRESET,
     # KD³'s recipe with the filter's class-frequency inverse-propensity weights on every term
     "kd3_ipw": kd3.PRESET | {"sample_weights": "filter"},
     # webdistill: Hinton KD on the FAISS filter's kept set. On the filtered set no published add-on
@@ -105,6 +108,9 @@ class Step:
     teacher_head: torch.Tensor | None  # the teacher's classifier weight (classifier: aligned)
     autoencoder: object | None  # IE-KD's teacher-feature auto-encoder
     logged: dict = field(default_factory=dict)  # per-batch diagnostics for the history (not losses)
+    previous: torch.Tensor | None = None  # PS-KD: the rows' predictions of the previous epoch (probabilities)
+    epoch: int = 0
+    epochs: int = 1
     sample_weight: torch.Tensor = field(init=False)
     kd_weight: torch.Tensor = field(init=False)  # per-sample weight of the KD term alone (IPWD's)
 
