@@ -199,7 +199,7 @@ def test_every_method_declares_settings_of_the_config_and_named_terms(name):
     n, classes = 4, 3
     torch.manual_seed(0)
     step = Step(torch.randn(n, classes), torch.randn(n, classes), torch.randn(n, 5),
-                {"projected": torch.randn(2 * n, 5), "head_cls": torch.randn(n, classes),
+                {"projected": torch.randn(2 * n, 5), "contrast": torch.randn(2 * n, 7), "head_cls": torch.randn(n, classes),
                  "head_kd": torch.randn(n, classes)}, weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long),
                 confidence=torch.ones(n), epoch_fraction=0.5, model=SimpleNamespace(theta=torch.zeros(classes, 2)),
                 teacher_head=None, autoencoder=None, previous=torch.softmax(torch.randn(n, classes), 1))
@@ -224,10 +224,13 @@ def test_the_loop_sums_every_methods_weighted_terms_in_registry_order():
     recipe = resolve(load_config(None, ["distill.preset=kd3", "distill.selection=none"]).distill)
     torch.manual_seed(0)
     n = 4
-    step = Step(torch.randn(n, 3), torch.randn(n, 3), torch.randn(n, 5), {"projected": torch.randn(2 * n, 5)},
+    out = {"projected": torch.randn(2 * n, 5), "contrast": torch.randn(2 * n, 7)}
+    step = Step(torch.randn(n, 3), torch.randn(n, 3), torch.randn(n, 5), out,
                 weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long), confidence=torch.ones(n),
                 epoch_fraction=0.0, model=None, teacher_head=None, autoencoder=None)
     total, terms = loss(recipe, step)
+    # InfoNCE on its own projection head, not on h (which feeds the shared classifier)
+    assert close(terms["contrastive"], losses.info_nce(out["contrast"][:n], out["contrast"][n:], 0.1).mean())
     assert list(terms) == ["kd", "ce", "feature", "contrastive"]  # classifier: shared has no term of its own
     expected = 0.9 * terms["kd"] + 0.1 * terms["ce"] + 1.0 * terms["feature"] + 0.1 * terms["contrastive"]
     assert torch.allclose(total, expected)

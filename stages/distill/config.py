@@ -89,6 +89,9 @@ class DistillConfig:
                                  "the projected student features (KD³); aligned: own, pulled towards it",
                                  choices=(None, "own", "shared", "aligned"))
     contrastive_weight: float | None = opt(None, "weight of the InfoNCE between each image and its perturbation", valid=">= 0")
+    contrastive_head: str | None = opt(None, "KD³'s InfoNCE on: separate (a projection head of its own, SimCLR's MLP; "
+                                       "preset) or projector (h, the projection that feeds the shared classifier)",
+                                       choices=(None, "separate", "projector"))
     contrastive_temperature: float | None = opt(None, "InfoNCE temperature (preset: 0.1)", valid="> 0")
     perturbation: str | None = opt(None, "the perturbed view: offline (the perturb stage's images), online "
                                    "(MixDistribution of a shallow student feature map, partner from the batch) "

@@ -2,7 +2,7 @@
 
 ``DistillModel`` holds them all so that one DDP wrapper synchronises every gradient: the student
 (with KD³'s projector and shared head), IE-KD's two factor encoders, DFND's transition logits θ,
-IPWD's two propensity heads.
+IPWD's two propensity heads, KD³'s contrastive projection head.
 The teacher-feature auto-encoder of IE-KD is trained before the student, on the teacher
 features score cached, and then frozen.
 """
@@ -62,9 +62,12 @@ def train_autoencoder(features: torch.Tensor, epochs: int, seed: int, batch_size
 
 class DistillModel(nn.Module):
     def __init__(self, student: Student, num_classes: int, factor_dim: int | None, learn_transition: bool,
-                 mix_layer: str | None, mix_alpha: float, propensity_heads: bool = False):
+                 mix_layer: str | None, mix_alpha: float, propensity_heads: bool = False, contrast_head: bool = False):
         super().__init__()
         self.student = student
+        # KD³'s instance alignment on a projection of its own (SimCLR's 2-layer MLP to 128 dimensions)
+        d = student.feature_dim
+        self.contrast = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 128)) if contrast_head else None
         # IPWD's two heads: CE on the labels, KD on the teacher (on detached features: they only estimate)
         self.head_cls = nn.Linear(student.feature_dim, num_classes) if propensity_heads else None
         self.head_kd = nn.Linear(student.feature_dim, num_classes) if propensity_heads else None
@@ -99,6 +102,8 @@ class DistillModel(nn.Module):
         out = {"logits": logits, "features": features}
         if self.student.projector is not None:
             out["projected"] = self.student.projector(features)
+        if self.contrast is not None:
+            out["contrast"] = self.contrast(features)
         if self.head_cls is not None:
             out["head_cls"], out["head_kd"] = self.head_cls(features.detach()), self.head_kd(features.detach())
         if self.inherit is not None:

@@ -352,7 +352,7 @@ def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher,
                  ae_history[-1] if ae_history else float("nan"))
     model = DistillModel(student, teacher.num_classes, factor_dim, recipe.noise_adaptation_weight > 0,
                          settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha,
-                         "propensity_heads" in needs)
+                         "propensity_heads" in needs, "contrast_head" in needs)
     return model, autoencoder, ae_history
 
 
