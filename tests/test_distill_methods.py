@@ -102,14 +102,53 @@ def test_info_nce_by_hand():
 
 
 def test_iekd_factor_distance_inheritance_exploration_reconstruction_by_hand():
-    x = torch.tensor([[3.0, 4.0]])  # unit: [0.6, 0.8]
-    y = torch.tensor([[1.0, 0.0]])
+    x = torch.tensor([[3.0, 4.0]]).reshape(1, 2, 1, 1)  # unit: [0.6, 0.8]
+    y = torch.tensor([[1.0, 0.0]]).reshape(1, 2, 1, 1)
     # |0.6 − 1| + |0.8 − 0| = 1.2, mean over 2 entries = 0.6
     assert close(losses.factor_distance(x, y), 0.6)
     assert close(losses.inheritance_loss(x, y), 0.6)
     assert close(losses.exploration_loss(x, y), -0.6)
     assert close(losses.inheritance_loss(2 * y, y), 0.0)
     assert close(losses.reconstruction_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])), 1.5)
+    with pytest.raises(ValueError, match="4-D"):  # the official code asserts feature maps
+        losses.factor_distance(torch.ones(2, 3), torch.ones(2, 3))
+
+
+def test_iekd_factor_distance_is_the_official_formula_on_feature_maps():
+    """The authors' ``_factor_transfer(x, y, p=1)``: per-sample L2 normalisation of the flattened maps,
+    then ‖x − y‖_p^p / numel, to the power 1/p."""
+    def official(x, y, p=1):
+        x = x.reshape(len(x), -1) / x.reshape(len(x), -1).norm(dim=1, keepdim=True).clamp_min(1e-12)
+        y = y.reshape(len(y), -1) / y.reshape(len(y), -1).norm(dim=1, keepdim=True).clamp_min(1e-12)
+        diff = x - y
+        return (torch.linalg.vector_norm(diff, ord=p) ** p / diff.numel()) ** (1 / p)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 32, 7, 7), torch.randn(8, 32, 7, 7)
+    assert close(losses.factor_distance(x, y), official(x, y))
+    assert close(losses.exploration_loss(x, y), -official(x, y))
+
+
+def test_iekd_coder_tap_and_auto_encoder_on_feature_maps():
+    from stages.common.models import create_model
+    from stages.distill.model import AutoEncoder, FeatureMapTap, coder, train_autoencoder
+
+    net = create_model("resnet8", "webdistill", num_classes=10, in_chans=1)
+    tap = FeatureMapTap(net, "a test")
+    net.eval()(torch.zeros(2, 1, 28, 28))
+    fmap = tap.take()
+    assert fmap.dim() == 4 and fmap.shape[2] * fmap.shape[3] > 1  # the map before global pooling
+    # the official coder: LeakyReLU, then 3 × (conv 3×3 without bias, BN, LeakyReLU), c_in → c_in → c_out → c_out
+    convs = [m for m in coder(64, 32).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.bias) for c in convs] == [
+        (64, 64, (3, 3), None), (64, 32, (3, 3), None), (32, 32, (3, 3), None)]
+    ae = AutoEncoder(64)
+    factor, rebuilt = ae(torch.randn(4, 64, 7, 7))
+    assert factor.shape == (4, 32, 7, 7) and rebuilt.shape == (4, 64, 7, 7)  # half the channels, as 64 → 32
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.relu(torch.randn(16, 8, 4, 4, generator=generator)) for _ in range(4)]
+    _, history = train_autoencoder(lambda epoch: iter(maps), 8, epochs=15, seed=0, device="cpu")
+    assert history[-1] < history[0]  # the reconstruction improves
 
 
 def test_kddm_sampler_moves_towards_confident_images_and_keeps_entropy_above_its_floor():

@@ -463,7 +463,8 @@ def test_resume_loads_checkpoints_as_data_and_skips_unusable_ones(tmp_path):
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)
         return SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                               theta_optimizer=None, scaler=torch.amp.GradScaler("cpu", enabled=False), device="cpu")
+                               theta_optimizer=None, sampler=None, previous=None,
+                               scaler=torch.amp.GradScaler("cpu", enabled=False), device="cpu")
 
     saved = trainer()
     scheduler = torch.optim.lr_scheduler.LambdaLR(saved.optimizer, lambda step: 1.0)

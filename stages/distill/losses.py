@@ -105,8 +105,10 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float) -
 # ---------------------------------------------------------------- IE-KD
 
 def factor_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """IE-KD's distance (aliyun code, ``_factor_transfer``): flatten, L2-normalise each sample,
-    mean absolute difference over all entries."""
+    """IE-KD's distance (aliyun code, ``_factor_transfer`` with p = 1) between factor maps (N, C, H, W):
+    flatten, L2-normalise each sample, mean absolute difference over all entries."""
+    if x.dim() != 4 or y.dim() != 4:
+        raise ValueError(f"IE-KD's factor distance is between 4-D feature maps, got {tuple(x.shape)} and {tuple(y.shape)}")
     return (F.normalize(x.flatten(1), dim=1) - F.normalize(y.flatten(1), dim=1)).abs().mean()
 
 

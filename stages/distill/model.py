@@ -3,8 +3,8 @@
 ``DistillModel`` holds them all so that one DDP wrapper synchronises every gradient: the student
 (with KD³'s projector and shared head), IE-KD's two factor encoders, DFND's transition logits θ,
 IPWD's two propensity heads, KD³'s contrastive projection head.
-The teacher-feature auto-encoder of IE-KD is trained before the student, on the teacher
-features score cached, and then frozen.
+The teacher-feature-map auto-encoder of IE-KD is trained before the student, on the teacher's maps
+of the transfer set computed on the fly, and then frozen.
 """
 
 import torch
@@ -16,53 +16,94 @@ from stages.common.student import Student
 from stages.distill import losses
 
 
-def mlp_encoder(d_in: int, d_out: int) -> nn.Sequential:
-    """IE-KD's encoder on pooled feature vectors: the code's 3 conv-BN-LeakyReLU(0.1) layers,
-    as linear layers (our features are vectors)."""
-    hidden = max(d_out, d_in // 2)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.1),
-                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.1),
-                         nn.Linear(hidden, d_out))
+class FeatureMapTap:
+    """The feature map a network pools globally (the input of its ``global_pool`` module, as timm and
+    webdistill's registry name it, else of its last ``nn.AdaptiveAvgPool2d``): IE-KD's features."""
+
+    def __init__(self, net: nn.Module, where: str):
+        modules = dict(net.named_modules())
+        pool = next((m for n, m in modules.items() if n.split(".")[-1] == "global_pool"), None) or next(
+            (m for m in reversed(list(modules.values())) if isinstance(m, nn.AdaptiveAvgPool2d)), None)
+        if pool is None:
+            raise UserError(f"{where}: IE-KD needs the feature map before global pooling, and this network has no "
+                            "module named global_pool nor an nn.AdaptiveAvgPool2d")
+        self.map = None
+        pool.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, inputs):
+        self.map = inputs[0] if inputs[0].dim() == 4 else None
+
+    def take(self) -> torch.Tensor:
+        out, self.map = self.map, None
+        if out is None:
+            raise RuntimeError("the feature map was not seen in this forward pass")
+        return out
+
+
+def coder(c_in: int, c_out: int) -> nn.Sequential:
+    """IE-KD's coder (the authors' ``model/auto_encoder.py``): LeakyReLU(0.1), then 3 × (3×3 conv without
+    bias, BatchNorm, LeakyReLU(0.1)), channels c_in → c_in → c_out → c_out, He-initialised."""
+    layers: list[nn.Module] = [nn.LeakyReLU(0.1)]
+    for a, b in ((c_in, c_in), (c_in, c_out), (c_out, c_out)):
+        layers += [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.1)]
+    net = nn.Sequential(*layers)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0, (2.0 / (9 * m.out_channels)) ** 0.5)
+    return net
 
 
 class AutoEncoder(nn.Module):
-    """IE-KD stage 1: teacher features → factor (half their size) → reconstruction."""
+    """IE-KD stage 1: the teacher's feature map → factor (half its channels, as the official 64 → 32) →
+    reconstruction."""
 
-    def __init__(self, dim: int):
+    def __init__(self, channels: int):
         super().__init__()
-        self.encoder = mlp_encoder(dim, max(1, dim // 2))
-        self.decoder = mlp_encoder(max(1, dim // 2), dim)
+        self.factor_channels = max(1, channels // 2)
+        self.encoder = coder(channels, self.factor_channels)
+        self.decoder = coder(self.factor_channels, channels)
 
     def forward(self, x):
         factor = self.encoder(x)
         return factor, self.decoder(factor)
 
 
-def train_autoencoder(features: torch.Tensor, epochs: int, seed: int, batch_size: int = 256) -> tuple[AutoEncoder, list]:
-    """Fit the auto-encoder with IE-KD's reconstruction loss (Adam, as the code's stage 1)."""
+def train_autoencoder(feature_maps, channels: int, epochs: int, seed: int, device) -> tuple[AutoEncoder, list]:
+    """Fit the auto-encoder with IE-KD's reconstruction loss and the official optimiser (SGD, lr 0.1,
+    Nesterov momentum 0.9, weight decay 5e-4). ``feature_maps(epoch)`` yields the teacher's maps of
+    one pass over the transfer set (computed on the fly: nothing the size of the pool is held)."""
     torch.manual_seed(seed)
-    ae = AutoEncoder(features.shape[1])
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
+    ae = AutoEncoder(channels).to(device)
+    opt = torch.optim.SGD(ae.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     history = []
-    for _ in range(epochs):
-        order, total = torch.randperm(len(features), generator=generator), 0.0
-        for i in range(0, len(features), batch_size):
-            batch = features[order[i:i + batch_size]]
-            if len(batch) < 2:  # BatchNorm needs two samples
+    for epoch in range(epochs):
+        total, seen = 0.0, 0
+        for maps in feature_maps(epoch):
+            if len(maps) < 2:  # BatchNorm needs two samples
                 continue
-            loss = losses.reconstruction_loss(ae(batch)[1], batch)
+            loss = losses.reconstruction_loss(ae(maps)[1], maps)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(batch)
-        history.append(total / len(features))
+            total, seen = total + loss.item() * len(maps), seen + len(maps)
+        history.append(total / max(seen, 1))
     return ae.eval().requires_grad_(False), history
+
+
+def student_map_channels(student: Student, size: int) -> int:
+    """Channels of the student's feature map before global pooling (one dry forward pass)."""
+    tap = FeatureMapTap(student.net.net, "distill.student")
+    was_training = student.training
+    with torch.no_grad():
+        student.eval()(torch.zeros(2, student.spec["in_chans"], size, size))
+    student.train(was_training)
+    return tap.take().shape[1]
 
 
 class DistillModel(nn.Module):
     def __init__(self, student: Student, num_classes: int, factor_dim: int | None, learn_transition: bool,
-                 mix_layer: str | None, mix_alpha: float, propensity_heads: bool = False, contrast_head: bool = False):
+                 mix_layer: str | None, mix_alpha: float, propensity_heads: bool = False, contrast_head: bool = False,
+                 input_size: int = 32):
         super().__init__()
         self.student = student
         # KD³'s instance alignment on a projection of its own (SimCLR's 2-layer MLP to 128 dimensions)
@@ -71,9 +112,15 @@ class DistillModel(nn.Module):
         # IPWD's two heads: CE on the labels, KD on the teacher (on detached features: they only estimate)
         self.head_cls = nn.Linear(student.feature_dim, num_classes) if propensity_heads else None
         self.head_kd = nn.Linear(student.feature_dim, num_classes) if propensity_heads else None
-        half = student.feature_dim // 2
-        self.inherit = mlp_encoder(half, factor_dim) if factor_dim else None
-        self.explore = mlp_encoder(student.feature_dim - half, factor_dim) if factor_dim else None
+        # IE-KD: the student's feature map, its channels halved (the official "natural" division), each half
+        # encoded to the teacher's factor channels by a coder of its own
+        self.feature_map = FeatureMapTap(student.net.net, "distill.student") if factor_dim else None
+        if factor_dim:
+            channels = student_map_channels(student, input_size)
+            self.inherit = coder(channels // 2, factor_dim)
+            self.explore = coder(channels - channels // 2, factor_dim)
+        else:
+            self.inherit = self.explore = None
         self.theta = nn.Parameter(torch.zeros(num_classes, num_classes - 1)) if learn_transition else None
         self.mix_alpha = mix_alpha
         self._mix_from: int | None = None  # rows from this index on are perturbed at mix_layer
@@ -107,6 +154,7 @@ class DistillModel(nn.Module):
         if self.head_cls is not None:
             out["head_cls"], out["head_kd"] = self.head_cls(features.detach()), self.head_kd(features.detach())
         if self.inherit is not None:
-            half = self.student.feature_dim // 2
-            out["inherit"], out["explore"] = self.inherit(features[:, :half]), self.explore(features[:, half:])
+            fmap = self.feature_map.take()
+            half = fmap.shape[1] // 2
+            out["inherit"], out["explore"] = self.inherit(fmap[:, :half]), self.explore(fmap[:, half:])
         return out

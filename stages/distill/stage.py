@@ -63,7 +63,7 @@ from stages.distill.augment import augment, augments, mixup
 from stages.distill.config import DistillConfig
 from stages.distill.data import TransferSet
 from stages.distill.methods import SAMPLE_WEIGHTS, Recipe, Step, describe, kddm, pskd, resolve
-from stages.distill.model import DistillModel, train_autoencoder
+from stages.distill.model import AutoEncoder, DistillModel, FeatureMapTap, train_autoencoder
 
 log = logging.getLogger("webdistill.distill")
 
@@ -158,7 +158,8 @@ class Trainer:
 
     def __init__(self, settings: DistillConfig, recipe: Recipe, teacher: Teacher, model: DistillModel,
                  weights: torch.Tensor, cached_logits: np.ndarray, cached_features: np.ndarray | None,
-                 autoencoder, device: torch.device, sampler=None, labels: torch.Tensor | None = None):
+                 autoencoder, device: torch.device, sampler=None, labels: torch.Tensor | None = None,
+                 teacher_map: FeatureMapTap | None = None):
         self.settings, self.recipe, self.teacher, self.model = settings, recipe, teacher, model
         self.labels = labels  # the human labels of each row (distill.labels: folder), or None: the teacher's
         # PS-KD: every row's prediction of the previous epoch (probabilities)
@@ -168,7 +169,8 @@ class Trainer:
             if recipe.classifier == "aligned" else None
         self.weights, self.device, self.autoencoder = weights, device, autoencoder
         self.cached_logits, self.cached_features = cached_logits, cached_features
-        self.online = settings.teacher_logits == "online" or (
+        self.teacher_map = teacher_map  # IE-KD: the teacher's feature map of each batch (online teacher)
+        self.online = settings.teacher_logits == "online" or teacher_map is not None or (
             settings.teacher_logits == "auto" and augments(settings))
         self.ddp = model
         if devices.world_size() > 1:
@@ -207,6 +209,7 @@ class Trainer:
             views = mixup(views, s.augment_mixup, generator)
         x, rows = views[0], batch["row"]
         t_logits, t_features = self.teacher_outputs(x, rows)
+        t_map = self.teacher_map.take().float() if self.teacher_map is not None else None
         if self.sampler is not None:
             self.sampler.observe(rows, t_logits)
         n = len(x)
@@ -230,7 +233,7 @@ class Trainer:
         step = Step(s_logits, t_logits, t_features, out, weight=self.weights[rows].to(self.device), labels=labels,
                     confidence=torch.ones(n, device=self.device), epoch_fraction=epoch_fraction, model=self.model,
                     teacher_head=self.teacher_head, autoencoder=self.autoencoder, previous=previous, epoch=epoch,
-                    epochs=epochs)
+                    epochs=epochs, teacher_map=t_map)
         total, terms = methods.loss(r, step)
         terms["agreement"] = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
         return total, terms
@@ -329,9 +332,40 @@ def resume(folder: Path, trainer: Trainer, scheduler) -> tuple[int, list]:
 
 # ---------------------------------------------------------------- the stage
 
-def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher,
-                kept_features: np.ndarray | None) -> tuple[DistillModel, object, list]:
-    """The student and its helper modules (IE-KD's auto-encoder fitted first), seeded."""
+def fit_autoencoder(settings: DistillConfig, teacher: Teacher, data: TransferSet, folder: Path,
+                    device: torch.device) -> tuple[object, list, FeatureMapTap]:
+    """IE-KD stage 1: the auto-encoder of the teacher's feature maps, fitted on the transfer set (every rank
+    reads all of it, so every rank fits the same one) and kept beside the checkpoints for a resumed run."""
+    tap = FeatureMapTap(teacher.model, "the teacher")
+    path = folder / "autoencoder.pt"
+    loader = data.loader(teacher.transform, 0, settings.seed, 0, 1, settings.batch_size, settings.num_workers,
+                         settings.shuffle_buffer, False, settings.cache_mb)
+
+    def feature_maps(epoch: int):
+        for batch in loader:
+            with torch.no_grad():
+                teacher.model(batch["image"].to(device))
+            yield tap.take().float()
+
+    with torch.no_grad():
+        teacher.model(torch.zeros(2, teacher.channels, teacher.input_size, teacher.input_size, device=device))
+    channels = tap.take().shape[1]
+    if path.is_file():
+        ae = AutoEncoder(channels)
+        ae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return ae.to(device).eval().requires_grad_(False), [], tap
+    ae, history = train_autoencoder(feature_maps, channels, settings.ae_epochs, settings.seed, device)
+    if devices.is_main():
+        buffer = io.BytesIO()
+        torch.save(ae.state_dict(), buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+    log.info("distill: IE-KD auto-encoder of the teacher's %d-channel feature maps, %d epochs, reconstruction L1 %.4f",
+             channels, settings.ae_epochs, history[-1] if history else float("nan"))
+    return ae, history, tap
+
+
+def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher, factor_channels: int | None) -> DistillModel:
+    """The student and its helper modules, seeded."""
     torch.manual_seed(settings.seed)
     needs = methods.needs(recipe)
     shared = recipe.classifier == "shared"
@@ -343,17 +377,9 @@ def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher,
                       teacher.input_size)
     if shared:
         student.set_shared_head(*teacher.classifier)
-    autoencoder, ae_history, factor_dim = None, [], None
-    if "autoencoder" in needs:
-        autoencoder, ae_history = train_autoencoder(torch.from_numpy(np.asarray(kept_features, np.float32)),
-                                                    settings.ae_epochs, settings.seed)
-        factor_dim = autoencoder.encoder[-1].out_features
-        log.info("distill: IE-KD auto-encoder, %d epochs, reconstruction L1 %.4f", settings.ae_epochs,
-                 ae_history[-1] if ae_history else float("nan"))
-    model = DistillModel(student, teacher.num_classes, factor_dim, recipe.noise_adaptation_weight > 0,
-                         settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha,
-                         "propensity_heads" in needs, "contrast_head" in needs)
-    return model, autoencoder, ae_history
+    return DistillModel(student, teacher.num_classes, factor_channels, recipe.noise_adaptation_weight > 0,
+                        settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha,
+                        "propensity_heads" in needs, "contrast_head" in needs, teacher.input_size)
 
 
 def preflight(cfg) -> None:
@@ -386,14 +412,16 @@ def run(cfg, run_dir: RunDir) -> dict:
     teacher = load_teacher(cfg.teacher, device)
     which = images_to_learn_from(settings.transfer_set, recipe.perturbation, settings.preset)
     data, kept, logits, features = transfer_set(run_dir, settings.split, which,
-                                                bool({"teacher_features", "autoencoder"} & methods.needs(recipe)))
-    model, autoencoder, ae_history = build_model(settings, recipe, teacher, features)
-    model.to(device)
-    if autoencoder is not None:
-        autoencoder.to(device)
+                                                "teacher_features" in methods.needs(recipe))
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    autoencoder, ae_history, teacher_map = None, [], None
+    if "autoencoder" in methods.needs(recipe):
+        autoencoder, ae_history, teacher_map = fit_autoencoder(settings, teacher, data, checkpoints, device)
+    model = build_model(settings, recipe, teacher, autoencoder.factor_channels if autoencoder else None).to(device)
     trainer = Trainer(settings, recipe, teacher, model, sample_weights(recipe, kept, logits), logits, features,
                       autoencoder, device, kddm.build_sampler(recipe, features, logits, settings.seed),
-                      class_labels(recipe, kept, teacher.class_names))
+                      class_labels(recipe, kept, teacher.class_names), teacher_map)
     if not trainer.online and augments(settings):
         log.warning("distill: teacher_logits cached with augmentation: the cached logits are of the "
                     "un-augmented images")
@@ -403,8 +431,6 @@ def run(cfg, run_dir: RunDir) -> dict:
     steps = data.steps(0, settings.seed, world, settings.num_workers, settings.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: lr_factor(
         step, steps * settings.epochs, int(settings.warmup_epochs * steps), settings.schedule, settings.milestones))
-    checkpoints = out / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
     start, history = resume(checkpoints, trainer, scheduler)
     loader = data.loader(teacher.transform, start, settings.seed, rank, world, settings.batch_size,
                          settings.num_workers, settings.shuffle_buffer, with_mix, settings.cache_mb)

@@ -106,11 +106,12 @@ class Step:
     epoch_fraction: float  # progress through training, 0 → 1
     model: object  # the DistillModel (DFND's θ, the student's classifier and projector)
     teacher_head: torch.Tensor | None  # the teacher's classifier weight (classifier: aligned)
-    autoencoder: object | None  # IE-KD's teacher-feature auto-encoder
+    autoencoder: object | None  # IE-KD's teacher-feature-map auto-encoder
     logged: dict = field(default_factory=dict)  # per-batch diagnostics for the history (not losses)
     previous: torch.Tensor | None = None  # PS-KD: the rows' predictions of the previous epoch (probabilities)
     epoch: int = 0
     epochs: int = 1
+    teacher_map: torch.Tensor | None = None  # IE-KD: the teacher's feature map before global pooling
     sample_weight: torch.Tensor = field(init=False)
     kd_weight: torch.Tensor = field(init=False)  # per-sample weight of the KD term alone (IPWD's)
 

@@ -1,16 +1,30 @@
 """IE-KD (Huang et al., CVPR 2021, "Revisiting Knowledge Distillation: An Inheritance and
-Exploration Framework"), as the authors' code computes it: an auto-encoder compresses the teacher's
-features into a factor; the student's inheritance head imitates it, its exploration head is pushed
-away from it (factor distance: L2-normalised, mean absolute difference). λ_inh = λ_exp = 1."""
+Exploration Framework"), as the authors' code computes it: an auto-encoder (convolutional coders,
+``model.AutoEncoder``) compresses the teacher's feature map into a factor with half its channels;
+the student's feature map is split along its channels, the first half encoded into the inheritance
+factor (pulled towards the teacher's), the second into the exploration factor (pushed away). The
+factor distance is the official ``_factor_transfer``: flatten, L2-normalise per sample, mean absolute
+difference. The preset is the official loss, CE + λ_inh·inheritance + λ_exp·exploration (λ = 1), no
+KD term. Where the student's and the teacher's maps differ in size the student's factor is average-
+pooled to the teacher's [R]."""
+
+import torch.nn.functional as F
 
 from stages.distill import losses
 
 SETTINGS = {"inherit_weight": 0.0, "explore_weight": 0.0}
-PRESET = {"inherit_weight": 1.0, "explore_weight": 1.0}
+PRESET = {"inherit_weight": 1.0, "explore_weight": 1.0, "kd_weight": 0.0, "ce_weight": 1.0}
 
 
 def needs(r) -> set[str]:
-    return {"teacher_features", "autoencoder"} if r.inherit_weight > 0 or r.explore_weight > 0 else set()
+    return {"autoencoder"} if r.inherit_weight > 0 or r.explore_weight > 0 else set()
+
+
+def matched(student_factor, teacher_factor):
+    """The student's factor at the teacher's spatial size."""
+    if student_factor.shape[-2:] != teacher_factor.shape[-2:]:
+        return F.adaptive_avg_pool2d(student_factor, teacher_factor.shape[-2:])
+    return student_factor
 
 
 def terms(r, step) -> dict:
@@ -19,6 +33,7 @@ def terms(r, step) -> dict:
     import torch
 
     with torch.no_grad():
-        factor = step.autoencoder.encoder(step.teacher_features)
-    return {"inherit": (r.inherit_weight, losses.inheritance_loss(step.out["inherit"][:step.n], factor)),
-            "explore": (r.explore_weight, losses.exploration_loss(step.out["explore"][:step.n], factor))}
+        factor = step.autoencoder.encoder(step.teacher_map)
+    inherit, explore = matched(step.out["inherit"][:step.n], factor), matched(step.out["explore"][:step.n], factor)
+    return {"inherit": (r.inherit_weight, losses.inheritance_loss(inherit, factor)),
+            "explore": (r.explore_weight, losses.exploration_loss(explore, factor))}
