@@ -9,7 +9,7 @@ from pipeline.config import opt
 class BenchConfig:
     """`webdistill bench`: a student per method and seed on this config's web pool, scored on evaluate.test_set."""
 
-    methods: list = opt(["upper_bound", "oracle_filter", "pool_kd", "random_kd", "dfnd", "filter_kd", "filter_ipw",
+    methods: list = opt(["upper_bound", "oracle_filter", "pool_kd", "random_kd", "dfnd", "filter_kd", "filter_cfw",
                          "kd3", "iekd", "kd3_ipw", "webdistill"],
                         "methods compared (configs/bench_methods.yaml: name, what it trains on, its config "
                         "overrides; `webdistill bench --list`)")

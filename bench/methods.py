@@ -54,17 +54,23 @@ class Method:
     overrides: dict = field(default_factory=dict)  # config key → value; "{seed}" is replaced by the seed
 
 
-def _method_table(path: Path = TABLE) -> tuple[dict, dict, list]:
-    """The methods, ablations and ablation components of ``configs/bench_methods.yaml``."""
+def _method_table(path: Path = TABLE) -> tuple[dict, dict, list, dict]:
+    """The methods, ablations, ablation components and sweep variants of ``configs/bench_methods.yaml``.
+    A variant ``method@name`` is the method with the sweep's overrides on top."""
     raw = yaml.safe_load(path.read_text())
 
     def methods(section):
         return {name: Method(m["about"], m.get("overrides") or {}) for name, m in raw[section].items()}
 
-    return methods("methods"), methods("ablations"), [tuple(c) for c in raw["components"]]
+    found = methods("methods")
+    variants = {f"{name}@{variant}": Method(f"{found[name].about} — {variant}: "
+                                            + ", ".join(f"{k} {v}" for k, v in changes.items()),
+                                            {**found[name].overrides, **changes})
+                for name, sweep in (raw.get("sweeps") or {}).items() for variant, changes in sweep.items()}
+    return found, methods("ablations"), [tuple(c) for c in raw["components"]], variants
 
 
-METHODS, ABLATIONS, COMPONENTS = _method_table()
+METHODS, ABLATIONS, COMPONENTS, VARIANTS = _method_table()
 
 
 # ---------------------------------------------------------------- stage sharing
@@ -377,9 +383,9 @@ def subsample_url_list(cfg, rows: int, path: Path) -> Path:
 # ---------------------------------------------------------------- the bench
 
 def chosen_methods(settings, only: list[str] | None) -> dict:
-    """``only`` (any method or ablation of configs/bench_methods.yaml), else bench.methods and, with
-    bench.ablations, the ablations; an unknown name is an error, never silently left out."""
-    known = {**METHODS, **ABLATIONS}
+    """``only`` (any method, ablation or sweep variant of configs/bench_methods.yaml), else bench.methods and,
+    with bench.ablations, the ablations; an unknown name is an error, never silently left out."""
+    known = {**METHODS, **ABLATIONS, **VARIANTS}
     names = only or list(settings.methods) + (list(ABLATIONS) if settings.ablations else [])
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -394,10 +400,11 @@ def run_bench(config: str, overrides=(), only: list[str] | None = None) -> dict:
     methods = chosen_methods(settings, only)
     bench = Bench(config, tuple(overrides), cfg, [RunDir(cfg.run_dir)])
     results = Path(settings.results_dir)
-    if "upper_bound" in methods:
+    labelled = [n for n, m in methods.items() if any("{private_images}" in str(v) for v in m.overrides.values())]
+    if labelled:
         if not settings.upper_bound_data:
-            raise UserError("bench.methods lists upper_bound but bench.upper_bound_data is not set: give the "
-                            "labelled private training images, or drop upper_bound")
+            raise UserError(f"bench.methods lists {labelled[0]}, which trains on the labelled private images, but "
+                            "bench.upper_bound_data is not set: give them, or drop the method")
         from stages.common.teacher import class_names
 
         export_private_images(settings.upper_bound_data, class_names(cfg.teacher),
