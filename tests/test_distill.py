@@ -78,7 +78,8 @@ def test_decoded_cache_gives_the_same_batches_and_resumes_mid_run(upstream, mnis
 
 # ---------------------------------------------------------------- distill
 
-@pytest.mark.parametrize("preset", ["kd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "kd3_ipw", "webdistill"])  # pskd: below
+@pytest.mark.parametrize("preset", ["kd", "dfnd", "ipwd", "kd3", "iekd", "iedml", "kddm", "kd3_ipw",
+                                    "webdistill"])  # pskd: below
 def test_every_preset_trains_and_logs_its_terms(preset, upstream, small_web, mnist_teacher, private, tmp_path):
     run_dir = fresh(upstream, tmp_path / "run")
     extra = {"iekd": ["distill.ae_epochs=2"], "kd3": ["distill.selection_tau=0.3"]}.get(preset, [])
@@ -87,6 +88,7 @@ def test_every_preset_trains_and_logs_its_terms(preset, upstream, small_web, mni
     history = pd.read_csv(run_dir / "distill" / "history.csv")
     expected = {"kd": {"kd", "ce"}, "dfnd": {"kd", "noise"}, "ipwd": {"kd", "ce", "head_ce", "head_kd", "ipwd_weight_max"},
                 "kd3": {"kd", "ce", "feature", "contrastive", "selected"}, "iekd": {"ce", "inherit", "explore"},
+                "iedml": {"ce", "mutual", "peer_ce", "inherit", "explore", "reconstruction"},
                 "kddm": {"kd", "ce", "kddm_entropy", "kddm_top_share"}, "kd3_ipw": {"kd", "contrastive", "selected"},
                 "webdistill": {"kd", "ce"}}[preset]
     assert expected <= set(history.columns)

@@ -15,7 +15,7 @@ from stages.distill.methods import METHODS, PRESETS, Recipe, configure, resolve
 
 
 def close(a, b, tol=1e-5):
-    return abs(float(a) - float(b)) < tol
+    return abs(float(torch.as_tensor(a).detach()) - float(torch.as_tensor(b).detach())) < tol
 
 
 def test_kd_is_t_squared_kl_by_hand():
@@ -206,7 +206,8 @@ def test_presets_fill_nulls_and_explicit_keys_win():
     assert mixed.classifier == "own" and mixed.temperature == 2.0 and mixed.selection == "threshold"
     ipwd = resolve(load_config(None, ["distill.preset=ipwd"]).distill)
     assert ipwd.propensity == "two_head" and ipwd.ipwd_formula == "bayes" and ipwd.sample_weights == "none"
-    assert set(PRESETS) == {"kd", "pskd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "pskd_ipwd", "kd3_ipw", "webdistill"}
+    assert set(PRESETS) == {"kd", "pskd", "dfnd", "ipwd", "kd3", "iekd", "iedml", "kddm", "pskd_ipwd", "kd3_ipw",
+                            "webdistill"}
     # the bench's choice: webdistill is Hinton KD; the KD³ + IPW recipe it replaced lives on as kd3_ipw
     def recipe(preset):
         return resolve(load_config(None, [f"distill.preset={preset}"]).distill)
@@ -239,7 +240,9 @@ def test_every_method_declares_settings_of_the_config_and_named_terms(name):
     torch.manual_seed(0)
     step = Step(torch.randn(n, classes), torch.randn(n, classes), torch.randn(n, 5),
                 {"projected": torch.randn(2 * n, 5), "contrast": torch.randn(2 * n, 7), "head_cls": torch.randn(n, classes),
-                 "head_kd": torch.randn(n, classes)}, weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long),
+                 "head_kd": torch.randn(n, classes), "peer_logits": torch.randn(n, classes),
+                 **{f"{p}{k}": torch.randn(n, 2, 3, 3) for p in ("", "peer_") for k in ("factor", "inherit", "explore")},
+                 "reconstruction": torch.tensor(0.5), "peer_reconstruction": torch.tensor(0.25)}, weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long),
                 confidence=torch.ones(n), epoch_fraction=0.5, model=SimpleNamespace(theta=torch.zeros(classes, 2)),
                 teacher_head=None, autoencoder=None, previous=torch.softmax(torch.randn(n, classes), 1))
     if hasattr(method, "adjust"):
@@ -438,3 +441,33 @@ def ipwd_logit_norm(z):
     from stages.distill.methods.ipwd import logit_norm
 
     return logit_norm(z, 0.04)
+
+
+# ---------------------------------------------------------------- IE-DML
+
+def test_iedml_two_students_learn_from_each_others_factors():
+    from stages.common.student import Student
+    from stages.distill.methods import Step, loss
+    from stages.distill.methods.iedml import mutual_kl
+    from stages.distill.model import DistillModel
+
+    recipe = resolve(load_config(None, ["distill.preset=iedml"]).distill)
+    assert recipe.mutual == "iedml" and recipe.kd_weight == 0 and "autoencoder" not in METHODS["iekd"].needs(recipe)
+    torch.manual_seed(0)
+    first, second = (Student("resnet8", "webdistill", {}, 10, 1, input_size=28) for _ in range(2))
+    model = DistillModel(first, 10, None, False, None, 0.3, input_size=28, peer=second)
+    x, labels = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    out = model(x)
+    assert out["factor"].shape == out["peer_factor"].shape and not out["factor"].requires_grad  # targets
+    step = Step(out["logits"], torch.zeros(6, 10), None, out, weight=torch.ones(6), labels=labels,
+                confidence=torch.ones(6), epoch_fraction=0.0, model=model, teacher_head=None, autoencoder=None)
+    total, terms = loss(recipe, step)
+    assert {"ce", "mutual", "peer_mutual", "peer_ce", "inherit", "explore", "peer_inherit", "peer_explore",
+            "reconstruction"} == set(terms)
+    assert "kd" not in terms  # no teacher
+    assert close(terms["inherit"], losses.factor_distance(out["inherit"], out["peer_factor"]))  # the partner's factor
+    assert close(terms["peer_explore"], -losses.factor_distance(out["peer_explore"], out["factor"]))
+    assert close(terms["mutual"], mutual_kl(out["logits"], out["peer_logits"]).mean())
+    total.backward()
+    for net in (model.student, model.peer.student, model.own_autoencoder, model.peer.autoencoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())

@@ -19,11 +19,13 @@ class DistillConfig:
                       "half), ipwd (KD weighted by two-head inverse propensities), kd3 (dynamic selection, feature "
                       "alignment, shared classifier, InfoNCE with MixDistribution), iekd (inheritance and "
                       "exploration), kddm (batches drawn from a learned distribution favouring what the teacher knows), kd3_ipw (kd3 "
-                      "with the filter's inverse-propensity weights), pskd (self-distillation without the teacher "
+                      "with the filter's inverse-propensity weights), iedml (two students learning from each other "
+                      "with inheritance and exploration, no teacher), pskd (self-distillation without the teacher "
                       "from the student's previous-epoch predictions, on human labels), pskd_ipwd (pskd with ipwd's "
                       "weights), webdistill (the recipe the benchmark chose for the filtered set: "
                       "Hinton KD, as kd)",
-                      choices=("kd", "pskd", "dfnd", "ipwd", "kd3", "iekd", "kddm", "pskd_ipwd", "kd3_ipw", "webdistill"))
+                      choices=("kd", "pskd", "dfnd", "ipwd", "kd3", "iekd", "iedml", "kddm", "pskd_ipwd", "kd3_ipw",
+                               "webdistill"))
     transfer_set: str = opt("both", "what the student learns from: web (perturb's shards: the filter's kept images "
                             "and their perturbations), synthetic (the synthesize stage's images alone), both "
                             "(web plus whatever synthesize wrote; web alone when synthesize.start is none)",
@@ -101,6 +103,10 @@ class DistillConfig:
     mix_alpha: float = opt(0.3, "online MixDistribution: λ ~ Beta(mix_alpha, mix_alpha)", valid="> 0")
     inherit_weight: float | None = opt(None, "IE-KD: weight of the inheritance loss (preset iekd: 1)", valid=">= 0")
     explore_weight: float | None = opt(None, "IE-KD: weight of the exploration loss (preset iekd: 1)", valid=">= 0")
+    mutual: str | None = opt(None, "IE-DML: none, or iedml (a second student of the same architecture learns with this "
+                             "one: CE, mutual KL, inheritance and exploration towards each other's factor)",
+                             choices=(None, "none", "iedml"))
+    mutual_weight: float | None = opt(None, "IE-DML: weight of the mutual KL (preset: 1)", valid=">= 0")
     ae_epochs: int = opt(30, "IE-KD: epochs of the teacher-feature auto-encoder, on the features score cached", valid=">= 1")
     sampler: str | None = opt(None, "how batches are drawn: none (the shuffled stream) or kddm (resampled from KDDM's "
                               "learned distribution over clusters of the transfer set, favouring what the teacher "

@@ -2,7 +2,7 @@
 
 ``DistillModel`` holds them all so that one DDP wrapper synchronises every gradient: the student
 (with KD³'s projector and shared head), IE-KD's two factor encoders, DFND's transition logits θ,
-IPWD's two propensity heads, KD³'s contrastive projection head.
+IPWD's two propensity heads, KD³'s contrastive projection head, IE-DML's peer student.
 The teacher-feature-map auto-encoder of IE-KD is trained before the student, on the teacher's maps
 of the transfer set computed on the fly, and then frozen.
 """
@@ -100,12 +100,48 @@ def student_map_channels(student: Student, size: int) -> int:
     return tap.take().shape[1]
 
 
+class Peer(nn.Module):
+    """IE-DML's second network: a student of the same architecture (its own initialisation), the
+    auto-encoder of its own feature map (trained online: the partner changes as it learns) and its
+    inheritance and exploration coders."""
+
+    def __init__(self, student: Student, channels: int):
+        super().__init__()
+        self.student = student
+        self.feature_map = FeatureMapTap(student.net.net, "distill.student (IE-DML's peer)")
+        self.autoencoder = AutoEncoder(channels)
+        self.inherit = coder(channels // 2, self.autoencoder.factor_channels)
+        self.explore = coder(channels - channels // 2, self.autoencoder.factor_channels)
+
+    def forward(self, x) -> dict:
+        logits, _ = self.student(x)
+        return {"peer_logits": logits, **factors(self.feature_map.take(), self.autoencoder, self.inherit, self.explore,
+                                                  "peer_")}
+
+
+def factors(fmap: torch.Tensor, autoencoder: AutoEncoder, inherit: nn.Module, explore: nn.Module, prefix: str) -> dict:
+    """IE-DML, one network: the factor of its own map (a target for its partner, detached), the
+    reconstruction loss of its online auto-encoder, and its inheritance and exploration factors."""
+    half = fmap.shape[1] // 2
+    factor, rebuilt = autoencoder(fmap.detach())
+    return {f"{prefix}factor": factor.detach(), f"{prefix}reconstruction": losses.reconstruction_loss(rebuilt, fmap.detach()),
+            f"{prefix}inherit": inherit(fmap[:, :half]), f"{prefix}explore": explore(fmap[:, half:])}
+
+
 class DistillModel(nn.Module):
     def __init__(self, student: Student, num_classes: int, factor_dim: int | None, learn_transition: bool,
                  mix_layer: str | None, mix_alpha: float, propensity_heads: bool = False, contrast_head: bool = False,
-                 input_size: int = 32):
+                 input_size: int = 32, peer: Student | None = None):
         super().__init__()
         self.student = student
+        # IE-DML: a second student learning with this one; both halve their maps into inheritance and
+        # exploration factors, each imitating / leaving the other's factor
+        self.peer, self.own_autoencoder = None, None
+        if peer is not None:
+            channels = student_map_channels(student, input_size)
+            self.peer = Peer(peer, channels)
+            self.own_autoencoder = AutoEncoder(channels)
+            factor_dim = self.own_autoencoder.factor_channels
         # KD³'s instance alignment on a projection of its own (SimCLR's 2-layer MLP to 128 dimensions)
         d = student.feature_dim
         self.contrast = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 128)) if contrast_head else None
@@ -153,7 +189,10 @@ class DistillModel(nn.Module):
             out["contrast"] = self.contrast(features)
         if self.head_cls is not None:
             out["head_cls"], out["head_kd"] = self.head_cls(features.detach()), self.head_kd(features.detach())
-        if self.inherit is not None:
+        if self.peer is not None:
+            out |= factors(self.feature_map.take(), self.own_autoencoder, self.inherit, self.explore, "")
+            out |= self.peer(x)
+        elif self.inherit is not None:
             fmap = self.feature_map.take()
             half = fmap.shape[1] // 2
             out["inherit"], out["explore"] = self.inherit(fmap[:, :half]), self.explore(fmap[:, half:])

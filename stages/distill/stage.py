@@ -372,14 +372,18 @@ def build_model(settings: DistillConfig, recipe: Recipe, teacher: Teacher, facto
     if (shared or recipe.classifier == "aligned") and teacher.classifier is None:
         raise UserError("distill.classifier shared/aligned needs the teacher's linear classifier, which this "
                         "teacher does not expose; use classifier: own")
-    student = Student(settings.student, settings.student_library, settings.student_kwargs, teacher.num_classes,
-                      teacher.channels, teacher.feature_dim if "projector" in needs else None, shared,
-                      teacher.input_size)
+    def make_student() -> Student:
+        return Student(settings.student, settings.student_library, settings.student_kwargs, teacher.num_classes,
+                       teacher.channels, teacher.feature_dim if "projector" in needs else None, shared,
+                       teacher.input_size)
+
+    student = make_student()
     if shared:
         student.set_shared_head(*teacher.classifier)
+    peer = make_student() if "peer" in needs else None  # IE-DML's second student (drawn after the first)
     return DistillModel(student, teacher.num_classes, factor_channels, recipe.noise_adaptation_weight > 0,
                         settings.mix_layer if recipe.perturbation == "online" else None, settings.mix_alpha,
-                        "propensity_heads" in needs, "contrast_head" in needs, teacher.input_size)
+                        "propensity_heads" in needs, "contrast_head" in needs, teacher.input_size, peer)
 
 
 def preflight(cfg) -> None:

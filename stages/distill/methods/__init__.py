@@ -8,7 +8,7 @@ A method file declares
     check(r)          (optional) refuses settings that cannot work together
     configure(r, teacher_cfg)  (optional) fills settings that come from the teacher (DFND's Q diagonal)
     needs(r)          (optional) what the step must provide: "projector", "teacher_features",
-                      "autoencoder", "propensity_heads"
+                      "autoencoder", "propensity_heads", "contrast_head", "peer"
     adjust(r, step)   (optional) per-sample weights, labels or confidences of the batch, before
                       any loss term (DFND's batch selection, KD³'s dynamic selection)
     terms(r, step)    its named loss terms: {name: (weight, value)}
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.errors import UserError
-from stages.distill.methods import dfnd, iekd, ipwd, kd, kd3, kddm, pskd
+from stages.distill.methods import dfnd, iedml, iekd, ipwd, kd, kd3, kddm, pskd
 
 # registry order is the order of ``adjust`` and of the terms: PS-KD's targets before IPWD reads them
-METHODS = {"kd": kd, "pskd": pskd, "dfnd": dfnd, "ipwd": ipwd, "kd3": kd3, "iekd": iekd, "kddm": kddm}
+METHODS = {"kd": kd, "pskd": pskd, "dfnd": dfnd, "ipwd": ipwd, "kd3": kd3, "iekd": iekd, "iedml": iedml,
+           "kddm": kddm}
 
 PRESETS: dict[str, dict] = {name: method.PRESET for name, method in METHODS.items()} | {
     # IPWD's one-stage setting: PS-KD with the two-head weights on its self-distilled part

@@ -17,7 +17,8 @@ PRESET = {"inherit_weight": 1.0, "explore_weight": 1.0, "kd_weight": 0.0, "ce_we
 
 
 def needs(r) -> set[str]:
-    return {"autoencoder"} if r.inherit_weight > 0 or r.explore_weight > 0 else set()
+    """The teacher's auto-encoder (IE-DML learns from its peer's instead)."""
+    return {"autoencoder"} if (r.inherit_weight > 0 or r.explore_weight > 0) and r.mutual == "none" else set()
 
 
 def matched(student_factor, teacher_factor):
