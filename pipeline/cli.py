@@ -142,8 +142,9 @@ def demo_teacher(target, force, overrides):
 
 @cli.command()
 @click.argument("target", required=False)
-@click.option("--only", help="Comma-separated methods to run (default: bench.methods and the ablations).")
-@click.option("--list", "list_methods", is_flag=True, help="List the methods and ablations, then exit.")
+@click.option("--only", help="Comma-separated methods to run (default: bench.methods and the ablations); "
+              "method@variant is a method's validation-sweep variant.")
+@click.option("--list", "list_methods", is_flag=True, help="List the methods, ablations and sweep variants, then exit.")
 @_SET
 def bench(target, only, list_methods, overrides):
     """Compare methods over seeds on TARGET's web pool; tables and plots in bench.results_dir.
@@ -152,10 +153,10 @@ def bench(target, only, list_methods, overrides):
     has already done with the same settings are linked, not recomputed, so a second bench only
     rebuilds the tables. The student's top-1 is measured on evaluate.test_set.
     """
-    from bench.methods import ABLATIONS, METHODS, run_bench
+    from bench.methods import ABLATIONS, METHODS, VARIANTS, run_bench
 
     if list_methods:
-        for name, method in {**METHODS, **ABLATIONS}.items():
+        for name, method in {**METHODS, **ABLATIONS, **VARIANTS}.items():
             click.echo(f"{name:<28} {method.about}")
         return
     if target is None or Path(target).is_dir():

@@ -164,3 +164,19 @@ def test_only_picks_any_known_method_and_refuses_an_unknown_one():
         chosen_methods(settings, ["dfdn"])
     with_ablations = load_config(None, ["bench.methods=[kd3]", "bench.ablations=true"]).bench
     assert list(chosen_methods(with_ablations, None))[1:] == list(ABLATIONS)
+    # a sweep variant is its method with the variant's overrides on top
+    base, variant = chosen_methods(settings, ["ipwd", "ipwd@literal"]).values()
+    assert variant.overrides == {**base.overrides, "distill.ipwd_formula": "literal"}
+    assert "literal" in variant.about and base.about in variant.about
+
+
+def test_every_method_and_variant_of_the_table_loads_as_a_config(tmp_path):
+    """A typo in configs/bench_methods.yaml fails here, not an hour into a bench."""
+    from bench.methods import ABLATIONS, METHODS, VARIANTS, Bench
+    from pipeline.config import load_config
+    from stages.distill.methods import resolve
+
+    bench = Bench("configs/demo.yaml", (), load_config("configs/demo.yaml"))
+    for name, method in {**METHODS, **ABLATIONS, **VARIANTS}.items():
+        cfg = bench.load(tmp_path / name, method, seed=0)
+        resolve(cfg.distill)  # the recipe's settings go together
