@@ -273,6 +273,23 @@ def goal_check(summary: pd.DataFrame, runs: pd.DataFrame, method: str = "webdist
     return lines
 
 
+def paired_table(runs: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Each method − ``reference`` over the seeds both ran: mean difference of test and validation top-1
+    with the test difference's 95% confidence interval and paired t-test p."""
+    if reference not in set(runs["method"]):
+        return pd.DataFrame()
+    rows = []
+    for method in dict.fromkeys(runs["method"]):
+        test = paired_test(runs, method, reference) if method != reference else None
+        if test is None:
+            continue
+        val = paired_test(runs.assign(student_top1=runs["student_val_top1"]), method, reference)
+        rows.append({"method": method, "seeds": test["seeds"],
+                     f"test Δ vs {reference} (points, 95% CI)": f"{100 * test['mean']:+.2f} ± {100 * test['ci95']:.2f}",
+                     "p": f"{test['p']:.2g}", "val Δ (points)": "" if val is None else f"{100 * val['mean']:+.2f}"})
+    return pd.DataFrame(rows)
+
+
 def chosen_on_validation(summary: pd.DataFrame, candidates: list[str]) -> str | None:
     """Of ``candidates``, the method with the best mean top-1 on the validation split (never the test split)."""
     rows = summary.set_index("method").reindex(candidates).dropna(subset=["val_top1_mean"])
@@ -481,6 +498,10 @@ def write_results(folder: Path, cfg, runs: pd.DataFrame, timings: pd.DataFrame, 
               f"min (stages already done are re-used).")
     lines = ["# webdistill benchmark: student top-1 on the private test split", "", header, "",
              markdown_table(main, about), "", *goal, ""]
+    paired = paired_table(runs, "webdistill")
+    if not paired.empty:
+        lines += ["## Every method against the default recipe (paired: same seeds)", "",
+                  paired.to_markdown(index=False), ""]
     if not ablation.empty:
         lines += ["## Ablation: webdistill changed by one component (each row a method's runs)", "",
                   pd.DataFrame({"change": ablation["change"], "method": ablation["method"],
