@@ -147,7 +147,7 @@ def test_iekd_coder_tap_and_auto_encoder_on_feature_maps():
     assert factor.shape == (4, 32, 7, 7) and rebuilt.shape == (4, 64, 7, 7)  # half the channels, as 64 → 32
     generator = torch.Generator().manual_seed(0)
     maps = [torch.relu(torch.randn(16, 8, 4, 4, generator=generator)) for _ in range(4)]
-    _, history = train_autoencoder(lambda epoch: iter(maps), 8, epochs=15, seed=0, device="cpu")
+    _, history = train_autoencoder(lambda epoch: iter(maps), 8, epochs=8, seed=0, device="cpu")
     assert history[-1] < history[0]  # the reconstruction improves
 
 
@@ -370,7 +370,7 @@ def test_two_head_propensities_up_weight_what_the_teacher_under_represents():
                           1).log()
     heads = torch.nn.ModuleDict({"cls": torch.nn.Linear(4, 2), "kd": torch.nn.Linear(4, 2)})
     optimizer = torch.optim.Adam(heads.parameters(), lr=0.05)
-    for _ in range(300):
+    for _ in range(150):
         out = {"head_cls": heads["cls"](features), "head_kd": heads["kd"](features)}
         step = Step(torch.zeros(400, 2), teacher, None, out, weight=torch.ones(400), labels=labels,
                     confidence=torch.ones(400), epoch_fraction=0.5, model=None, teacher_head=None, autoencoder=None)
