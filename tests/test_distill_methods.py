@@ -238,12 +238,13 @@ def test_every_method_declares_settings_of_the_config_and_named_terms(name):
     recipe = configure(resolve(cfg.distill), cfg.teacher)
     n, classes = 4, 3
     torch.manual_seed(0)
-    step = Step(torch.randn(n, classes), torch.randn(n, classes), torch.randn(n, 5),
-                {"projected": torch.randn(2 * n, 5), "contrast": torch.randn(2 * n, 7), "head_cls": torch.randn(n, classes),
-                 "head_kd": torch.randn(n, classes), "peer_logits": torch.randn(n, classes),
-                 **{f"{p}{k}": torch.randn(n, 2, 3, 3) for p in ("", "peer_") for k in ("factor", "inherit", "explore")},
-                 "reconstruction": torch.tensor(0.5), "peer_reconstruction": torch.tensor(0.25)}, weight=torch.ones(n), labels=torch.zeros(n, dtype=torch.long),
-                confidence=torch.ones(n), epoch_fraction=0.5, model=SimpleNamespace(theta=torch.zeros(classes, 2)),
+    # every output a method may read: KD³'s projections, IPWD's heads, IE-DML's peer and factors
+    out = {"projected": torch.randn(2 * n, 5), "contrast": torch.randn(2 * n, 7), "head_cls": torch.randn(n, classes),
+           "head_kd": torch.randn(n, classes), "peer_logits": torch.randn(n, classes),
+           **{f"{p}{k}": torch.randn(n, 2, 3, 3) for p in ("", "peer_") for k in ("factor", "inherit", "explore")},
+           "reconstruction": torch.tensor(0.5), "peer_reconstruction": torch.tensor(0.25)}
+    step = Step(torch.randn(n, classes), torch.randn(n, classes), torch.randn(n, 5), out, weight=torch.ones(n),
+                labels=torch.zeros(n, dtype=torch.long), confidence=torch.ones(n), epoch_fraction=0.5, model=SimpleNamespace(theta=torch.zeros(classes, 2)),
                 teacher_head=None, autoencoder=None, previous=torch.softmax(torch.randn(n, classes), 1))
     if hasattr(method, "adjust"):
         method.adjust(recipe, step)

@@ -124,7 +124,8 @@ def factors(fmap: torch.Tensor, autoencoder: AutoEncoder, inherit: nn.Module, ex
     reconstruction loss of its online auto-encoder, and its inheritance and exploration factors."""
     half = fmap.shape[1] // 2
     factor, rebuilt = autoencoder(fmap.detach())
-    return {f"{prefix}factor": factor.detach(), f"{prefix}reconstruction": losses.reconstruction_loss(rebuilt, fmap.detach()),
+    return {f"{prefix}factor": factor.detach(),
+            f"{prefix}reconstruction": losses.reconstruction_loss(rebuilt, fmap.detach()),
             f"{prefix}inherit": inherit(fmap[:, :half]), f"{prefix}explore": explore(fmap[:, half:])}
 
 

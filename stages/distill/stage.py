@@ -81,9 +81,10 @@ def _shards(run_dir: RunDir, folder, counts, inventory) -> dict[str, int]:
 def transfer_set(run_dir: RunDir, split: str = "shard", which: str = "web", with_features: bool = True
                  ) -> tuple[TransferSet, pd.DataFrame, np.ndarray, np.ndarray | None]:
     """The shards the student learns from (``which``: web, synthetic or both), the samples' rows (uid,
-    filter weight, pseudo-label, synthetic or not, the crawl's caption; web rows first, in selection order, then synthetic ones) and the teacher's
-    cached logits and features of each row (joined on uid): row i of every per-sample array distill holds
-    belongs to row i of the frame. The features are read only ``with_features`` (None otherwise)."""
+    filter weight, pseudo-label, synthetic or not, the crawl's caption; web rows first, in selection order,
+    then synthetic ones) and the teacher's cached logits and features of each row (joined on uid): row i of
+    every per-sample array distill holds belongs to row i of the frame. The features are read only
+    ``with_features`` (None otherwise)."""
     shards, parts, logits, features = {}, [], [], []
     if which in ("web", "both"):
         shards |= _shards(run_dir, PERTURB_FOLDER, PERTURB_COUNTS, PERTURB_INVENTORY)

@@ -6,8 +6,8 @@ from pipeline.errors import UserError
 from stages.distill import losses
 
 SETTINGS = {"temperature": 4.0, "kd_weight": 0.9, "ce_weight": 0.1,
-            "sample_weights": "none",
-            "labels": "teacher"}  # teacher (its hard labels) | folder (the class folders of a labelled transfer set)  # none | filter (the filter's inverse propensities): the per-sample weight of every term
+            "sample_weights": "none",  # none | filter (the filter's inverse propensities), on every term
+            "labels": "teacher"}  # teacher (its hard labels) | folder (a labelled transfer set's class folders)
 PRESET: dict = {}
 
 

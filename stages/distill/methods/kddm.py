@@ -125,7 +125,8 @@ class Sampler:
             self.phi.copy_(temper_to_floor(self.phi, self.floor))
 
     def state_dict(self) -> dict:
-        return {"phi": self.phi.detach().clone(), "reward": self.reward.clone(), "optimizer": self.optimizer.state_dict()}
+        return {"phi": self.phi.detach().clone(), "reward": self.reward.clone(),
+                "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
