@@ -28,7 +28,7 @@ class FeatureMapTap:
             raise UserError(f"{where}: IE-KD needs the feature map before global pooling, and this network has no "
                             "module named global_pool nor an nn.AdaptiveAvgPool2d")
         self.map = None
-        pool.register_forward_pre_hook(self._keep)
+        self._handle = pool.register_forward_pre_hook(self._keep)
 
     def _keep(self, module, inputs):
         self.map = inputs[0] if inputs[0].dim() == 4 else None
@@ -38,6 +38,17 @@ class FeatureMapTap:
         if out is None:
             raise RuntimeError("the feature map was not seen in this forward pass")
         return out
+
+    def channels(self, net: nn.Module, in_chans: int, size: int, device="cpu") -> int:
+        """Channels of the map: one dry forward pass of ``net`` (in eval mode, its mode restored after)."""
+        was_training = net.training
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, in_chans, size, size, device=device))
+        net.train(was_training)
+        return self.take().shape[1]
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def coder(c_in: int, c_out: int) -> nn.Sequential:
@@ -91,13 +102,13 @@ def train_autoencoder(feature_maps, channels: int, epochs: int, seed: int, devic
 
 
 def student_map_channels(student: Student, size: int) -> int:
-    """Channels of the student's feature map before global pooling (one dry forward pass)."""
+    """Channels of the student's feature map before global pooling (the tap is removed after: no hook
+    stays on the student's forward pass)."""
     tap = FeatureMapTap(student.net.net, "distill.student")
-    was_training = student.training
-    with torch.no_grad():
-        student.eval()(torch.zeros(2, student.spec["in_chans"], size, size))
-    student.train(was_training)
-    return tap.take().shape[1]
+    try:
+        return tap.channels(student, student.spec["in_chans"], size)
+    finally:
+        tap.remove()
 
 
 class Peer(nn.Module):

@@ -348,9 +348,7 @@ def fit_autoencoder(settings: DistillConfig, teacher: Teacher, data: TransferSet
                 teacher.model(batch["image"].to(device))
             yield tap.take().float()
 
-    with torch.no_grad():
-        teacher.model(torch.zeros(2, teacher.channels, teacher.input_size, teacher.input_size, device=device))
-    channels = tap.take().shape[1]
+    channels = tap.channels(teacher.model, teacher.channels, teacher.input_size, device)
     if path.is_file():
         ae = AutoEncoder(channels)
         ae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
