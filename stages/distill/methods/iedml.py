@@ -10,17 +10,11 @@ the teacher's hard labels on web images, or the class folders with ``labels: fol
 
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
 from stages.distill import losses
 
 SETTINGS = {"mutual": "none",  # none | iedml
             "mutual_weight": 1.0}
 PRESET = {"mutual": "iedml", "inherit_weight": 1.0, "explore_weight": 1.0, "kd_weight": 0.0, "ce_weight": 1.0}
-
-
-def check(r) -> None:
-    if r.mutual not in ("none", "iedml"):
-        raise UserError(f"distill.mutual must be none or iedml, got {r.mutual!r}")
 
 
 def needs(r) -> set[str]:

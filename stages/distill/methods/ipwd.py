@@ -24,19 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
 from stages.distill import losses
 
 SETTINGS = {"propensity": "none",  # none | two_head
             "ipwd_formula": "bayes", "ipwd_tau": 0.04, "ipwd_clip": 10.0, "ipwd_start": 0.0}
 PRESET = {"propensity": "two_head"}
-
-
-def check(r) -> None:
-    if r.propensity not in ("none", "two_head"):
-        raise UserError(f"distill.propensity must be none or two_head, got {r.propensity!r}")
-    if r.ipwd_formula not in ("bayes", "literal"):
-        raise UserError(f"distill.ipwd_formula must be bayes or literal, got {r.ipwd_formula!r}")
 
 
 def needs(r) -> set[str]:

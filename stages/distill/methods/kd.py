@@ -12,8 +12,6 @@ PRESET: dict = {}
 
 
 def check(r) -> None:
-    if r.labels not in ("teacher", "folder"):
-        raise UserError(f"distill.labels must be teacher or folder, got {r.labels!r}")
     if r.temperature <= 0:
         raise UserError(f"distill.temperature must be > 0, got {r.temperature}")
 

@@ -21,8 +21,6 @@ PRESET = {"selection": "threshold", "feature_weight": 1.0, "classifier": "shared
 def check(r) -> None:
     if len(r.selection_lambda) != 2:
         raise UserError("distill.selection_lambda must be [first, last]")
-    if r.contrastive_head not in ("separate", "projector"):
-        raise UserError(f"distill.contrastive_head must be separate or projector, got {r.contrastive_head!r}")
     if r.contrastive_weight > 0 and r.perturbation == "none":
         raise UserError("distill.contrastive_weight needs a perturbed view: set distill.perturbation to offline "
                         "or online")

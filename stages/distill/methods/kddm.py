@@ -20,21 +20,10 @@ import math
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-
 SETTINGS = {"sampler": "none",  # none | kddm: batches drawn from the learned distribution
             "kddm_gamma": 0.1, "kddm_entropy_floor": 0.5, "kddm_clusters": 64, "kddm_lr": 0.05,
             "kddm_loss": "kd"}  # kd | confidence
 PRESET = {"sampler": "kddm"}
-
-
-def check(r) -> None:
-    if r.sampler not in ("none", "kddm"):
-        raise UserError(f"distill.sampler must be none or kddm, got {r.sampler!r}")
-    if r.kddm_loss not in ("kd", "confidence"):
-        raise UserError(f"distill.kddm_loss must be kd or confidence, got {r.kddm_loss!r}")
-    if not 0 <= r.kddm_entropy_floor <= 1:
-        raise UserError(f"distill.kddm_entropy_floor must be in [0, 1], got {r.kddm_entropy_floor}")
 
 
 def needs(r) -> set[str]:

@@ -18,8 +18,6 @@ PRESET = {"self_distill": "pskd", "labels": "folder", "kd_weight": 0.0, "ce_weig
 
 
 def check(r) -> None:
-    if r.self_distill not in ("none", "pskd"):
-        raise UserError(f"distill.self_distill must be none or pskd, got {r.self_distill!r}")
     if r.self_distill == "pskd" and r.labels != "folder":
         raise UserError("distill.self_distill pskd learns from human labels: set distill.labels: folder (a labelled "
                         "transfer set crawled with data.source: folder)")
