@@ -58,7 +58,8 @@ STAGES = [
               preflight="stages.filter.stage:preflight",
               input_files=lambda cfg: [cfg.filter.diagnostics_sources]),
     StageSpec("synthesize", "images optimised toward the teacher's BatchNorm statistics, from noise or kept "
-              "web images (DeepInversion; by default the kept images when the teacher has BatchNorm)", upstream=("filter",),
+              "web images (DeepInversion; by default the kept images when the teacher has BatchNorm)",
+              upstream=("filter",),
               sections={"synthesize": SynthesizeConfig}, module="stages.synthesize.stage",
               preflight="stages.synthesize.stage:preflight"),
     StageSpec("perturb", "MixDistribution images of the selected samples", upstream=("filter",),
