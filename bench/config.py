@@ -23,5 +23,7 @@ class BenchConfig:
                                        "folder per class) for the upper_bound method: KD on the private data itself", path=True)
     pool_sizes: list = opt([], "smaller pools (URL-list rows, a seeded sample) run end to end with webdistill to "
                            "time each stage against pool size; the full pool is always timed")
+    reference: str = opt("webdistill", "the method every other one is paired against (same seeds) in methods.md: "
+                         "the default recipe, or e.g. kd_labelled for the labelled settings")
     work_dir: str = opt("bench/work", "where each method's run directories go (runs/<method>/seed<k>)", path=True)
     results_dir: str = opt("bench/results", "where the tables and plots go", path=True)

@@ -498,9 +498,9 @@ def write_results(folder: Path, cfg, runs: pd.DataFrame, timings: pd.DataFrame, 
               f"min (stages already done are re-used).")
     lines = ["# webdistill benchmark: student top-1 on the private test split", "", header, "",
              markdown_table(main, about), "", *goal, ""]
-    paired = paired_table(runs, "webdistill")
+    paired = paired_table(runs, cfg.bench.reference)
     if not paired.empty:
-        lines += ["## Every method against the default recipe (paired: same seeds)", "",
+        lines += [f"## Every method against {cfg.bench.reference} (paired: same seeds)", "",
                   paired.to_markdown(index=False), ""]
     if not ablation.empty:
         lines += ["## Ablation: webdistill changed by one component (each row a method's runs)", "",

@@ -84,6 +84,8 @@ def test_bench_compares_methods_over_seeds_and_a_second_bench_reruns_nothing(ups
     assert (timings[["crawl", "score", "filter", "perturb", "distill", "evaluate"]] > 0).all().all()
     text = (tmp_path / "results" / "methods.md").read_text()
     assert "of the upper bound" in text and "random_kd" in text
+    paired = text.split("## Every method against webdistill (paired: same seeds)")[1]  # bench.reference
+    assert "| random_kd " in paired and "| upper_bound " in paired
     assert (tmp_path / "results" / "methods.png").stat().st_size > 0 and (tmp_path / "results" / "scaling.png").is_file()
 
     def run_ids():
