@@ -29,16 +29,16 @@ def checkout(tmp_path_factory):
     return dest
 
 
-# A sixth of the kept images refined instead of all of them: synthesis is two thirds of `make all` on 2 cores
-# (~200 s) and is the one stage whose cost scales with this setting; every stage still runs with the default
-# recipe's settings (the benchmark measures the recipe itself).
-OVERRIDES = "--set synthesize.images=500"
+# Two settings that cost minutes on 2 cores and change no step of the pipeline (the benchmark measures the
+# default recipe itself): a sixth of the kept images refined (synthesis of all 3,000 is ~200 s, two thirds
+# of `make all`) and the demo teacher trained for 8 epochs instead of 24 (~97.7% instead of 98.8%; ~55 s less).
+SET = "synthesize.images=500 demo.teacher_epochs=8 demo.teacher_min_accuracy=0.97"  # make all SET="…"
 
 
 def make(checkout: Path, *targets):
     venv = Path(sys.executable).parent.parent  # the venv running the tests, already set up
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
-    return subprocess.run(["make", *targets, f"VENV={venv}", f"OVERRIDES={OVERRIDES}"], cwd=checkout, env=env,
+    return subprocess.run(["make", *targets, f"VENV={venv}", f"SET={SET}"], cwd=checkout, env=env,
                           capture_output=True, text=True, timeout=2400)  # a safety net: ≥ 4× a busy run
 
 
@@ -51,7 +51,7 @@ def test_make_all_runs_every_stage_and_ends_with_the_report(checkout):
     assert "crawl: 10,200 rows listed, 0 dropped before the crawl (empty or duplicate URLs); 10,200 attempted, " \
            "10,000 succeeded, 200 failed" in log
     teacher = json.loads((checkout / "demo_data" / "teacher" / "_SUCCESS.json").read_text())
-    assert teacher["test_accuracy"] >= 0.985 and teacher["test_images"] == 1000
+    assert teacher["test_accuracy"] >= 0.97 and teacher["test_images"] == 1000 and teacher["settings"]["epochs"] == 8
     assert f"✓ demo teacher: top-1 {100 * teacher['test_accuracy']:.2f}% on the 1000 private test images" in log
     assert "score: 10,000 images, 10,000 scored, 0 could not be used" in log
     assert "not built yet" not in log
