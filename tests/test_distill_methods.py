@@ -244,7 +244,8 @@ def test_every_method_declares_settings_of_the_config_and_named_terms(name):
            **{f"{p}{k}": torch.randn(n, 2, 3, 3) for p in ("", "peer_") for k in ("factor", "inherit", "explore")},
            "reconstruction": torch.tensor(0.5), "peer_reconstruction": torch.tensor(0.25)}
     step = Step(torch.randn(n, classes), torch.randn(n, classes), torch.randn(n, 5), out, weight=torch.ones(n),
-                labels=torch.zeros(n, dtype=torch.long), confidence=torch.ones(n), epoch_fraction=0.5, model=SimpleNamespace(theta=torch.zeros(classes, 2)),
+                labels=torch.zeros(n, dtype=torch.long), confidence=torch.ones(n), epoch_fraction=0.5,
+                model=SimpleNamespace(theta=torch.zeros(classes, 2)),
                 teacher_head=None, autoencoder=None, previous=torch.softmax(torch.randn(n, classes), 1))
     if hasattr(method, "adjust"):
         method.adjust(recipe, step)

@@ -2,8 +2,9 @@
 
 Per-sample functions return one value per sample (shape (N,)); ``weighted_mean`` combines them
 with the per-sample weights (inverse propensities, KD³'s selection, DFND's batch selection).
-Sources: Hinton et al. 2015 and mdistiller (KD); DFND (CVPR 2021) and mmrazor's port (noise adaptation); KD³ (ICCV 2023, reconstructed [R] as docs/methods.md describes: selection,
-feature alignment, InfoNCE); IE-KD (CVPR 2021) as the aliyun code computes it.
+Sources: Hinton et al. 2015 and mdistiller (KD); DFND (CVPR 2021) and mmrazor's port (noise adaptation);
+KD³ (ICCV 2023, reconstructed [R] as docs/methods.md describes: selection, feature alignment, InfoNCE);
+IE-KD (CVPR 2021) as the aliyun code computes it.
 """
 
 import torch
