@@ -45,7 +45,7 @@ def test_bench_compares_methods_over_seeds_and_a_second_bench_reruns_nothing(ups
     cfg = config(small_web, base, mnist_teacher, private, "filter.policy=balanced", "filter.budget=0.4",
                  "bench.methods=[upper_bound, random_kd, webdistill]", "bench.ablations=false", "bench.seeds=[0, 1]",
                  "bench.train_images=400", f"bench.upper_bound_data={tmp_path / 'private_train'}",
-                 "bench.pool_sizes=[150]", f"bench.work_dir={tmp_path / 'work'}",
+                 "bench.reference=random_kd", "bench.pool_sizes=[150]", f"bench.work_dir={tmp_path / 'work'}",
                  f"bench.results_dir={tmp_path / 'results'}", "distill.num_workers=1")
     (tmp_path / "bench.yaml").write_text(dump_yaml(cfg))
     first = run_bench(str(tmp_path / "bench.yaml"))
@@ -84,8 +84,8 @@ def test_bench_compares_methods_over_seeds_and_a_second_bench_reruns_nothing(ups
     assert (timings[["crawl", "score", "filter", "perturb", "distill", "evaluate"]] > 0).all().all()
     text = (tmp_path / "results" / "methods.md").read_text()
     assert "of the upper bound" in text and "random_kd" in text
-    paired = text.split("## Every method against webdistill (paired: same seeds)")[1]  # bench.reference
-    assert "| random_kd " in paired and "| upper_bound " in paired
+    paired = text.split("## Every method against random_kd (paired: same seeds)")[1]  # bench.reference
+    assert "| webdistill " in paired and "| upper_bound " in paired and "| random_kd " not in paired
     assert (tmp_path / "results" / "methods.png").stat().st_size > 0 and (tmp_path / "results" / "scaling.png").is_file()
 
     def run_ids():
