@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.config import dump_yaml
 from pipeline.rundir import RunDir
-from tests.conftest import REPO, web_config
+from tests.conftest import REPO, copy_crawl, web_config
 
 
 def invoke(*args):
@@ -23,22 +23,23 @@ def test_config_typo_is_one_line_without_traceback(tmp_path):
                                    "did you mean 'image_size'?")
 
 
-def test_status_of_a_crawled_run(small_web, tmp_path):
+def test_status_of_a_crawled_run(small_web, crawled, tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(dump_yaml(web_config(small_web, tmp_path / "run", "crawl.processes_count=1")))
+    config.write_text(dump_yaml(web_config(small_web, tmp_path / "run")))
     assert "crawl      missing    not run yet" in invoke("status", str(config)).output
-    result = invoke("crawl", str(config))
-    assert result.exit_code == 0
-    out = invoke("status", str(tmp_path / "run")).output  # a run directory works as well as its config
+    copy_crawl(crawled, tmp_path / "run")  # the session's crawl of the same web, with the same settings
+    out = invoke("status", str(config)).output
     assert "crawl      done       attempted 324, succeeded 300, failed 24, shards 4" in out
     for stage in ("score", "filter", "perturb", "distill", "evaluate", "report"):
         assert f"{stage:<10} missing    not run yet" in out
     # skipped the second time, re-run with --force
     run_id = RunDir(tmp_path / "run").record("crawl")["run_id"]
-    assert invoke("crawl", str(tmp_path / "run")).exit_code == 0
+    assert invoke("crawl", str(config)).exit_code == 0
     assert RunDir(tmp_path / "run").record("crawl")["run_id"] == run_id
-    assert invoke("crawl", str(tmp_path / "run"), "--force").exit_code == 0
+    assert invoke("crawl", str(tmp_path / "run"), "--force").exit_code == 0  # a run directory works as its config
     assert RunDir(tmp_path / "run").record("crawl")["run_id"] != run_id
+    assert "crawl      done       attempted 324, succeeded 300, failed 24, shards 4" in invoke(
+        "status", str(tmp_path / "run")).output
 
 
 def test_help_explains_stages_and_options():
