@@ -408,6 +408,11 @@ def chosen_methods(settings, only: list[str] | None) -> dict:
     if unknown:
         where = "--only" if only else "bench.methods"
         raise UserError(f"{where}: unknown method {unknown[0]!r}; `webdistill bench --list` lists them")
+    if settings.reference not in known:
+        raise UserError(f"bench.reference: unknown method {settings.reference!r}; `webdistill bench --list` lists them")
+    if settings.reference not in names:
+        log.warning("bench: bench.reference %s is not among the methods run, so methods.md has no paired table",
+                    settings.reference)
     return {n: known[n] for n in names}
 
 

@@ -158,7 +158,7 @@ def test_filter_scores_are_compared_against_the_true_sources(upstream, small_web
         table.loc["bn_layers", "in_domain_share"]  # better than the pool's own share
 
 
-def test_only_picks_any_known_method_and_refuses_an_unknown_one():
+def test_only_picks_any_known_method_and_refuses_an_unknown_one(caplog):
     from bench.methods import ABLATIONS, chosen_methods
     from pipeline.config import load_config
     from pipeline.errors import UserError
@@ -169,6 +169,10 @@ def test_only_picks_any_known_method_and_refuses_an_unknown_one():
     assert list(chosen_methods(settings, ["dfnd_selection", "pool_kd"])) == ["dfnd_selection", "pool_kd"]
     with pytest.raises(UserError, match=r"--only: unknown method 'dfdn'; `webdistill bench --list` lists them"):
         chosen_methods(settings, ["dfdn"])
+    typo = load_config(None, ["bench.reference=kd_labeled"]).bench
+    with pytest.raises(UserError, match=r"bench.reference: unknown method 'kd_labeled'"):
+        chosen_methods(typo, ["kd_labelled"])
+    assert "bench.reference webdistill is not among the methods run" in caplog.text  # left out, and said
     with_ablations = load_config(None, ["bench.methods=[kd3]", "bench.ablations=true"]).bench
     assert list(chosen_methods(with_ablations, None))[1:] == list(ABLATIONS)
     # a sweep variant is its method with the variant's overrides on top
