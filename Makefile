@@ -3,7 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.webdistill-installed
+# GPU=1: faiss-gpu instead of faiss-cpu (torch's wheel is the same for both: it runs on CPU and CUDA)
+FAISS := $(if $(GPU),gpu,cpu)
+OTHER_FAISS := $(if $(GPU),cpu,gpu)
+STAMP := $(VENV)/.webdistill-installed-$(FAISS)
 # SCENARIO=textile: the textile-inspection demo (configs/textile.yaml, runs/textile) instead of the digits
 SCENARIO ?= digits
 CONFIG ?= $(if $(filter textile,$(SCENARIO)),configs/textile.yaml,configs/demo.yaml)
@@ -29,7 +32,7 @@ help:  ## list the targets
 	@grep -hE '^([a-zA-Z_-]+|\$$\(STAGES\)):.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/; s/^\$$\(STAGES\)/$(STAGES)/' | \
 	  awk -F'\t' '{printf "  %-24s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv and install webdistill (idempotent: a stamp file skips it next time)
+setup: $(STAMP)  ## create .venv and install webdistill (GPU=1: with faiss-gpu; a stamp file skips it next time)
 
 $(STAMP): pyproject.toml constraints.txt
 	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); [ "$$free_kb" -gt 9000000 ] || echo "warning: \
@@ -37,7 +40,11 @@ $(STAMP): pyproject.toml constraints.txt
 	CPU too and brings its nvidia packages): pip may fail with 'No space left on device'" >&2
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	@# the two FAISS builds share the module's files: drop the other one, then (re)install this one whole
+	rm -f $(VENV)/.webdistill-installed-$(OTHER_FAISS)
+	if $(PY) -m pip show --quiet faiss-$(OTHER_FAISS) 2>/dev/null; then $(PY) -m pip uninstall --quiet -y \
+	  faiss-$(OTHER_FAISS) && $(PY) -m pip install --quiet --force-reinstall --no-deps -c constraints.txt faiss-$(FAISS); fi
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,$(FAISS)]'
 	$(PY) -m pip check
 	touch $@
 

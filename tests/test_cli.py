@@ -61,3 +61,16 @@ def test_make_set_passes_overrides_to_the_demo_its_teacher_and_the_run():
     for command in ("demo-data", "demo-teacher", "run"):
         line = next(x for x in dry.splitlines() if f"-m pipeline {command} " in x)
         assert line.endswith("--set synthesize.steps=10 --set distill.epochs=2"), line
+
+
+def test_make_setup_gpu_swaps_faiss_cpu_for_faiss_gpu():
+    def recipe(*args):
+        return subprocess.run(["make", "-n", "setup", "VENV=/nonexistent/venv", *args], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout
+
+    gpu = recipe("GPU=1")
+    # the other build goes before this one installs: both write the module `faiss`
+    assert gpu.index("uninstall --quiet -y \\\n  faiss-cpu") < gpu.index("-e '.[test,gpu]'")
+    assert gpu.rstrip().endswith("touch /nonexistent/venv/.webdistill-installed-gpu")
+    cpu = recipe()
+    assert "-e '.[test,cpu]'" in cpu and "faiss-gpu" in cpu and ".[test,gpu]" not in cpu

@@ -1,6 +1,8 @@
 """The filter stage: planted in-distribution cluster vs outliers, weights, IVF recall, policies, errors."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ from pipeline.runner import run_stages
 from stages import STAGES
 from stages.filter import knn
 from stages.filter import stage as filter_stage
-from tests.conftest import copy_crawl, web_config
+from tests.conftest import REPO, copy_crawl, web_config
 
 CLASSES = 4
 DIM = 32
@@ -281,3 +283,12 @@ def test_a_reference_the_teacher_cannot_give_is_refused_before_anything_runs(ref
         preflight(cfg)
     with pytest.raises(UserError, match="set score.bn_distance: true"):
         preflight(load_config(None, ["filter.reference=bn_layers", "score.bn_distance=false"]))
+
+
+def test_without_faiss_the_stage_says_how_to_install_it():
+    code = ("import sys; sys.modules['faiss'] = None\n"  # as if neither FAISS wheel were installed
+            "from pipeline.errors import UserError\n"
+            "try:\n    import stages.filter.knn\nexcept UserError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("FAISS is not installed in this environment: `make setup` installs faiss-cpu")
+    assert "`make setup GPU=1` faiss-gpu" in out

@@ -12,8 +12,9 @@ import math
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+from stages.common.faiss_import import faiss
 
 log = logging.getLogger("webdistill.knn")
 

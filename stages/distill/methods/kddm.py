@@ -60,7 +60,7 @@ def clusters_of(features: np.ndarray | None, k: int, seed: int) -> np.ndarray:
     n = len(features) if features is not None else 0
     if not k:
         return np.arange(n)
-    import faiss
+    from stages.common.faiss_import import faiss
 
     x = np.ascontiguousarray(features, np.float32)
     k = max(1, min(k, n // 10))  # at least ~10 images per cluster
