@@ -1,5 +1,7 @@
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_two_nodes(stage: str, config_file: Path, logs: Path, env=None, timeout=600) -> list[int]:
+    """``webdistill <stage>`` under torchrun as two machines would run it, on loopback: ``--nnodes 2
+    --nproc_per_node 1``, node ranks 0 and 1, one rendezvous (the run directory is shared, as a network
+    filesystem would be). Returns both launchers' exit codes; their output is in ``logs``/node<k>.log."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        with open(logs / f"node{node}.log", "w") as log:  # files, not pipes: a full pipe would stall a rank
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 "-m", "pipeline", stage, str(config_file)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return [p.wait(timeout=timeout) for p in procs]
 
 
 @pytest.fixture(scope="session")

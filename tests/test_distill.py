@@ -10,8 +10,6 @@ chance on the private test split; the report is one self-contained page.
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -31,7 +29,7 @@ from stages.distill.data import (
 )
 from stages.distill.methods import resolve
 from stages.distill.stage import images_to_learn_from
-from tests.conftest import REPO, UPSTREAM, config, free_port, fresh, kill_stage_when, student_weights
+from tests.conftest import REPO, UPSTREAM, config, fresh, kill_stage_when, student_weights, torchrun_two_nodes
 
 # ---------------------------------------------------------------- data plan
 
@@ -155,8 +153,8 @@ def test_kill_9_then_resume_gives_the_same_weights(upstream, small_web, mnist_te
         pd.read_csv(killed / "distill" / "history.csv")["loss"].tolist()
 
 
-def test_torchrun_two_processes_train_a_student_like_one_process(upstream, small_web, mnist_teacher, private,
-                                                                 tmp_path):
+def test_torchrun_on_two_nodes_trains_a_student_like_one_process(upstream, small_web, mnist_teacher, private,
+                                                                  tmp_path):
     settings = ["distill.epochs=15", "distill.split=sample"]
     single = fresh(upstream, tmp_path / "single")
     run_stages(config(small_web, single, mnist_teacher, private, *settings, "distill.batch_size=16"), STAGES,
@@ -168,10 +166,8 @@ def test_torchrun_two_processes_train_a_student_like_one_process(upstream, small
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(dump_yaml(cfg))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           f"--master_port={free_port()}", "-m", "pipeline", "distill", str(config_file)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    codes = torchrun_two_nodes("distill", config_file, tmp_path, env)
+    assert codes == [0, 0], (tmp_path / "node0.log").read_text()[-3000:] + (tmp_path / "node1.log").read_text()[-3000:]
     summary = json.loads((ddp / "distill" / "summary.json").read_text())
     assert summary["world_size"] == 2
     run_stages(cfg, STAGES, only=["evaluate"])

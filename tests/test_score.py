@@ -26,7 +26,7 @@ from stages.common.images import read_shard_images
 from stages.common.models import create_model
 from stages.common.teacher import load_teacher
 from stages.score.stage import prediction_table
-from tests.conftest import REPO, copy_crawl, free_port, web_config
+from tests.conftest import REPO, copy_crawl, torchrun_two_nodes, web_config
 
 
 def score_config(small_web, tiny_teacher, run_dir, *overrides):
@@ -215,14 +215,12 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(small_web, crawled, tiny
     assert_same_outputs(outputs(run_dir), outputs(scored[1]))
 
 
-def test_torchrun_two_processes_equals_one(small_web, crawled, tiny_teacher, scored, tmp_path):
+def test_torchrun_on_two_nodes_equals_one_process(small_web, crawled, tiny_teacher, scored, tmp_path):
     run_dir = copy_crawl(crawled, tmp_path / "run")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_yaml(score_config(small_web, tiny_teacher, run_dir, "score.num_workers=1")))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "pipeline", "score", str(config_file)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    codes = torchrun_two_nodes("score", config_file, tmp_path)
+    assert codes == [0, 0], (tmp_path / "node0.log").read_text()[-3000:] + (tmp_path / "node1.log").read_text()[-3000:]
     record = RunDir(run_dir).record("score")
     assert record["details"]["world_size"] == 2
     assert_same_outputs(outputs(run_dir), outputs(scored[1]))
