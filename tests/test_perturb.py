@@ -1,6 +1,10 @@
 """perturb: MixDistribution shards and manifest on the small crawled web (fixtures in conftest)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -12,7 +16,7 @@ from pipeline.errors import UserError
 from pipeline.runner import run_stages
 from stages import STAGES
 from stages.perturb.stage import draw_partners
-from tests.conftest import config, fresh
+from tests.conftest import REPO, config, fresh
 
 
 def test_perturb_shards_hold_each_kept_image_and_its_mix_keyed_by_uid(upstream):
@@ -98,3 +102,28 @@ def test_draw_partners_within_and_across_classes():
     assert np.array_equal(partners, again) and np.array_equal(lam, lam_again)
     with pytest.raises(UserError, match="at least 2"):
         draw_partners(np.array([0]), 1, "any", 0.5, 0)
+
+
+def parallel_op() -> float:
+    """Large enough for torch to run it as an OpenMP parallel region (when it has more than one thread)."""
+    import torch
+
+    return float(torch.nn.functional.conv2d(torch.ones(8, 3, 224, 224), torch.ones(64, 3, 7, 7)).mean())
+
+
+def test_shard_workers_run_torch_after_the_parent_did(tmp_path):
+    """GNU OpenMP is not fork-safe: a worker forked after the parent ran a parallel region (a teacher's
+    forward pass before perturb, in one `webdistill run`) hung for good in its own first one."""
+    code = ("import torch\ntorch.set_num_threads(2)\n"
+            "from tests.test_perturb import parallel_op\nfrom stages.perturb.stage import worker_pool\n"
+            "parallel_op()\n"  # the parent's forward pass
+            "pool = worker_pool(1)\ntry:\n    print(pool.submit(parallel_op).result(timeout=120))\n"
+            "except TimeoutError:\n    print('the worker hung')\n    import os; os._exit(3)")  # not waiting for it
+    with open(tmp_path / "out.txt", "w") as out:  # a file, not a pipe: a hung worker would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        code = proc.wait(timeout=600)
+    os.killpg(proc.pid, signal.SIGKILL)  # a hung worker, if any
+    printed = (tmp_path / "out.txt").read_text()
+    assert code == 0, printed[-2000:]
+    assert float(printed) == 147.0  # 3 × 7 × 7 ones

@@ -103,6 +103,13 @@ def draw_partners(labels: np.ndarray, variants: int, how: str, alpha: float, see
 
 # ---------------------------------------------------------------- passes over the shards
 
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes forked for the shards, each with one torch thread, as DataLoader's workers: GNU OpenMP
+    is not fork-safe, so a child's first parallel region hangs for good once the parent has run one
+    (a ResNet-50 teacher's forward pass before perturb, in the same process, did it)."""
+    return ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+
 def shard_stats(shard: Path, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Pass 1 for one crawl shard: key → (channel means, channel stds)."""
     out = {}
@@ -155,7 +162,7 @@ def _stats(kept: pd.DataFrame, crawl_dir: Path, out: Path, workers: int) -> tupl
             return saved["mean"], saved["std"]
     found: dict[tuple[str, str], tuple] = {}
     groups = list(kept.groupby("shard", sort=True))
-    with ProcessPoolExecutor(workers) as pool:
+    with worker_pool(workers) as pool:
         futures = {shard: pool.submit(shard_stats, crawl_dir / shard, g["key"].tolist()) for shard, g in groups}
         for shard, future in progress(futures.items(), desc="perturb: statistics", unit="shard"):
             found.update({(shard, k): v for k, v in future.result().items()})
@@ -204,7 +211,7 @@ def run(cfg, run_dir: RunDir) -> dict:
     resumed = jobs["shard"].nunique() - len(todo)
     if resumed:
         log.info("perturb: %d shard(s) already written, %d to go", resumed, len(todo))
-    with ProcessPoolExecutor(workers) as pool:
+    with worker_pool(workers) as pool:
         futures = [pool.submit(write_shard, crawl_dir / shard, out / g["out"].iloc[0], g, settings.encode_format)
                    for shard, g in todo]
         for (shard, g), future in progress(list(zip(todo, futures)), desc="perturb: writing shards", unit="shard"):
