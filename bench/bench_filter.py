@@ -48,11 +48,11 @@ BRUTE_QUERIES = 20000
 
 # ---------------------------------------------------------------- synthetic pool
 
-def synthetic_pool(n: int) -> Path:
+def synthetic_pool(n: int, work: Path = WORK) -> Path:
     """The score stage's declared outputs (manifests.artifacts) for ``n`` unit-norm 512-d features:
     40% in ten class clusters, 60% spread out, plus a 1,000-image reference set drawn from the
-    clusters. Built once per size."""
-    run = WORK / f"pool-{n}"
+    clusters. Built once per size, in ``work``/pool-<n>."""
+    run = work / f"pool-{n}"
     if SCORE_MANIFEST.location(run).is_file():
         return run
     FEATURES.location(run).parent.mkdir(parents=True, exist_ok=True)
