@@ -26,7 +26,7 @@ export WANDB_MODE := disabled
 
 STAGES := crawl score filter synthesize perturb distill evaluate report
 
-.PHONY: help setup demo-data teacher all test bench bench-rebuild bench-stages bench-variants bench-synthesis bench-scale status clean $(STAGES)
+.PHONY: help setup demo-data teacher all test bench bench-rebuild bench-stages bench-variants bench-synthesis bench-scale gpu-check status clean $(STAGES)
 
 help:  ## list the targets
 	@grep -hE '^([a-zA-Z_-]+|\$$\(STAGES\)):.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/; s/^\$$\(STAGES\)/$(STAGES)/' | \
@@ -89,6 +89,9 @@ bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, 
 	$(PY) bench/bench_score.py --config $(CONFIG)
 	$(PY) bench/bench_filter.py --config $(CONFIG) --sizes $(FILTER_SIZES)
 	$(PY) bench/bench_distill.py --config $(CONFIG)
+
+gpu-check: setup  ## one script (~8 min on a GPU): score, filter at 10M vectors, distill with AMP, 2-GPU torchrun → bench/results/gpu.md
+	$(PY) bench/gpu_check.py
 
 bench-scale: teacher  ## score → filter → perturb → distill's loader on generated pools of 100k and 1M images: time, peak memory
 	$(PY) bench/bench_scale.py --config $(CONFIG) $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES))

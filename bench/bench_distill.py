@@ -28,7 +28,7 @@ from pipeline.runner import run_stages  # noqa: E402
 from stages import STAGES  # noqa: E402
 from stages.common.teacher import load_teacher  # noqa: E402
 from stages.distill.data import decode  # noqa: E402
-from stages.distill.methods import resolve  # noqa: E402
+from stages.distill.methods import configure, resolve  # noqa: E402
 from stages.distill.stage import Trainer, build_model, lr_factor, sample_weights, transfer_set  # noqa: E402
 
 WORK = Path("bench/work/distill")
@@ -55,13 +55,13 @@ def memory_batches(tensors: dict, batch_size: int, epoch: int):
 
 
 def throughput(cfg, run: RunDir, epochs: int) -> dict:
-    settings, recipe = cfg.distill, resolve(cfg.distill)
+    settings, recipe = cfg.distill, configure(resolve(cfg.distill), cfg.teacher)  # as the stage resolves it
     device = devices.pick_device(settings.device)
     teacher = load_teacher(cfg.teacher, device)
-    data, kept, logits, _ = transfer_set(run, with_features=False)
-    model, _, _ = build_model(settings, recipe, teacher, None)
-    trainer = Trainer(settings, recipe, teacher, model.to(device), sample_weights(recipe, kept, logits), logits,
-                      None, None, device)
+    data, kept, logits, _ = transfer_set(run, settings.split, with_features=False)
+    model = build_model(settings, recipe, teacher, None).to(device)
+    trainer = Trainer(settings, recipe, teacher, model, sample_weights(recipe, kept, logits), logits, None, None,
+                      device)
     with_mix = recipe.perturbation == "offline"
     tensors = in_memory(data, teacher.transform, with_mix)
     loader = data.loader(teacher.transform, 0, 0, 0, 1, settings.batch_size, settings.num_workers,
