@@ -67,7 +67,8 @@ def check_config(work: Path, size: dict, reduced: bool):
         "score.embedder_model=ViT-B-32", "score.embedder_checkpoint=random", f"score.batch_size={size['score_batch']}",
         f"score.num_workers={workers}", f"crawl.processes_count={max(1, workers)}", "synthesize.start=none",
         "distill.student=resnet18", "distill.student_library=timm", f"distill.batch_size={size['distill_batch']}",
-        f"distill.epochs={size['distill_epochs']}", f"distill.num_workers={workers}"])
+        f"distill.epochs={size['distill_epochs']}", f"distill.num_workers={workers}",
+        "distill.split=sample"])  # every torchrun rank a share of every shard, however few the shards
 
 
 def first_images(shards: Path, transforms, count: int) -> list[torch.Tensor]:
@@ -134,11 +135,12 @@ def distill_check(cfg) -> dict:
 
 
 def distill_stage_img_s(cfg, work: Path, processes: int) -> float:
-    """The distill stage from scratch under torchrun with ``processes`` ranks; its images/s."""
+    """The distill stage from scratch under torchrun with ``processes`` ranks; its images/s. Each rank runs
+    this script's --distill-stage, which passes bench_scale's stages (the generated pool as the crawl)."""
     config = work / f"distill-{processes}.yaml"
     config.write_text(dump_yaml(cfg))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m",
-                    "pipeline", "distill", str(config), "--force"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), __file__,
+                    "--distill-stage", str(config)], cwd=ROOT, check=True)
     return RunDir(cfg.run_dir).record("distill")["counts"]["images_per_s"]
 
 
@@ -187,7 +189,11 @@ def main(argv=None):
     parser.add_argument("--reduced", action="store_true", help="a few images and vectors (the default without CUDA)")
     parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "gpu"))
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--distill-stage", help=argparse.SUPPRESS)  # one torchrun rank of torchrun_check
     args = parser.parse_args(argv)
+    if args.distill_stage:
+        run_stages(load_config(args.distill_stage), bench_scale.SPECS, only=["distill"], force=True)
+        return
     reduced = args.reduced or not torch.cuda.is_available()
     size, work, t0 = (REDUCED if reduced else FULL), Path(args.work), time.time()
     os.environ["WEBDISTILL_SCALE_POOL"] = str(size["pool"])  # bench_scale's generated crawl, read by the runner
