@@ -90,7 +90,7 @@ bench-stages: teacher  ## crawl vs raw img2dataset, score vs bare forward pass, 
 	$(PY) bench/bench_filter.py --config $(CONFIG) --sizes $(FILTER_SIZES)
 	$(PY) bench/bench_distill.py --config $(CONFIG)
 
-gpu-check: setup  ## one script (~8 min on a GPU): score, filter at 10M vectors, distill with AMP, 2-GPU torchrun → bench/results/gpu.md
+gpu-check: setup  ## one script, sized for ≤ 8 min on one GPU (not yet run on one): score, filter at 10M vectors, distill with AMP, 2-GPU torchrun → bench/results/gpu.md
 	$(PY) bench/gpu_check.py
 
 bench-scale: teacher  ## score → filter → perturb → distill's loader on generated pools of 100k and 1M images: time, peak memory

@@ -1,4 +1,5 @@
-"""`make gpu-check`: what the pipeline does on a GPU, measured by one script (about 8 minutes on one GPU).
+"""`make gpu-check`: what the pipeline does on a GPU, measured by one script (sized for ≤ 8 minutes on one
+GPU; not yet run on one).
 
 1. score: a ResNet-50 teacher (timm, random weights, 224 px) and an open_clip ViT-B-32 embedder
    (random weights) at batch 256 under autocast, over a generated pool of 20,000 images (bench_scale's
