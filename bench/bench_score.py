@@ -20,6 +20,7 @@ import shutil
 import statistics
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,18 +40,21 @@ WORK = Path("bench/work/score")
 RESULTS = Path("bench/results")
 
 
-def in_memory_inputs(shards_dir: Path, transforms, shard_names=None) -> list[torch.Tensor]:
-    images = [im for uid, im in read_shard_images(shards_dir, shard_names)]
+def in_memory_inputs(shards_dir: Path, transforms, shard_names=None, limit: int | None = None) -> list[torch.Tensor]:
+    """The shards' images (the first ``limit`` of them, if given) through each transform, stacked."""
+    images = [im for uid, im in islice(read_shard_images(shards_dir, shard_names), limit)]
     return [torch.stack([t(im) for im in images]) for t in transforms]
 
 
 @torch.inference_mode()
-def bare_forward(models, inputs: list[torch.Tensor], batch_size: int, device) -> float:
-    """Seconds for the models' forward passes over tensors already in memory."""
+def bare_forward(models, inputs: list[torch.Tensor], batch_size: int, device, precision: str = "fp32") -> float:
+    """Seconds for the models' forward passes over tensors already in memory (under the stage's autocast
+    for ``precision``)."""
     t0 = time.perf_counter()
     for i in range(0, len(inputs[0]), batch_size):
-        for model, x in zip(models, inputs):
-            model(x[i:i + batch_size].to(device))
+        with devices.autocast(device, precision):
+            for model, x in zip(models, inputs):
+                model(x[i:i + batch_size].to(device))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0

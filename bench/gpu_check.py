@@ -35,12 +35,12 @@ import torch  # noqa: E402
 
 from bench import bench_filter, bench_scale  # noqa: E402
 from bench.bench_distill import throughput  # noqa: E402
+from bench.bench_score import bare_forward, in_memory_inputs  # noqa: E402
 from bench.methods import machine  # noqa: E402
 from pipeline import devices  # noqa: E402
 from pipeline.config import dump_yaml, load_config  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
-from stages.common.images import read_shard_images  # noqa: E402
 from stages.common.teacher import load_embedder, load_teacher  # noqa: E402
 from stages.filter.knn import backend  # noqa: E402
 
@@ -72,41 +72,16 @@ def check_config(work: Path, size: dict, reduced: bool):
         "distill.split=sample"])  # every torchrun rank a share of every shard, however few the shards
 
 
-def first_images(shards: Path, transforms, count: int) -> list[torch.Tensor]:
-    images = []
-    for _, image in read_shard_images(shards):
-        images.append(image)
-        if len(images) == count:
-            break
-    return [torch.stack([t(im) for im in images]) for t in transforms]
-
-
-@torch.inference_mode()
-def bare_forward_img_s(models, inputs: list[torch.Tensor], batch_size: int, device, precision: str) -> float:
-    """Images/s of the models' forward passes over tensors in memory, under the stage's autocast."""
-    def once():
-        for i in range(0, len(inputs[0]), batch_size):
-            with devices.autocast(device, precision):
-                for model, x in zip(models, inputs):
-                    model(x[i:i + batch_size].to(device, non_blocking=True))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    once()  # warm-up: cuDNN picks its kernels
-    t0 = time.perf_counter()
-    once()
-    return len(inputs[0]) / (time.perf_counter() - t0)
-
-
 def score_check(cfg, size: dict) -> dict:
     run_stages(cfg, bench_scale.SPECS, only=["crawl"], force=True)
     device = devices.pick_device(cfg.score.device)
     teacher = load_teacher(cfg.teacher, device)
     embedder = load_embedder("ViT-B-32", "random", teacher.class_names, cfg.teacher.prompt_template, device)
-    inputs = first_images(RunDir(cfg.run_dir).stage_dir("crawl") / "shards", [teacher.transform, embedder.transform],
-                          size["bare_images"])
-    bare = bare_forward_img_s([teacher.model, embedder.encoder], inputs, cfg.score.batch_size, device,
-                              cfg.score.precision)
+    inputs = in_memory_inputs(RunDir(cfg.run_dir).stage_dir("crawl") / "shards",
+                              [teacher.transform, embedder.transform], limit=size["bare_images"])
+    models, precision = [teacher.model, embedder.encoder], cfg.score.precision
+    bare_forward(models, inputs, cfg.score.batch_size, device, precision)  # warm-up: cuDNN picks its kernels
+    bare = len(inputs[0]) / bare_forward(models, inputs, cfg.score.batch_size, device, precision)
     del teacher, embedder
     run_stages(cfg, bench_scale.SPECS, only=["score"], force=True)
     stage = RunDir(cfg.run_dir).record("score")["counts"]["images_per_s"]
