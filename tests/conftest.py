@@ -32,10 +32,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_two_nodes(stage: str, config_file: Path, logs: Path, env=None, timeout=600) -> list[int]:
+def torchrun_two_nodes(stage: str, config_file: Path, logs: Path, env=None, timeout=600) -> tuple[list[int], str]:
     """``webdistill <stage>`` under torchrun as two machines would run it, on loopback: ``--nnodes 2
     --nproc_per_node 1``, node ranks 0 and 1, one rendezvous (the run directory is shared, as a network
-    filesystem would be). Returns both launchers' exit codes; their output is in ``logs``/node<k>.log."""
+    filesystem would be). Returns both launchers' exit codes and the end of their output (in full in
+    ``logs``/node<k>.log)."""
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -44,7 +45,8 @@ def torchrun_two_nodes(stage: str, config_file: Path, logs: Path, env=None, time
                 [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
                  "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                  "-m", "pipeline", stage, str(config_file)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-    return [p.wait(timeout=timeout) for p in procs]
+    codes = [p.wait(timeout=timeout) for p in procs]
+    return codes, "".join((logs / f"node{node}.log").read_text()[-3000:] for node in (0, 1))
 
 
 @pytest.fixture(scope="session")

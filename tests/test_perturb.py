@@ -123,9 +123,9 @@ def test_shard_workers_run_torch_after_the_parent_did(tmp_path):
     with open(tmp_path / "out.txt", "w") as out:  # a file, not a pipe: a hung worker would hold a pipe open
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        code = proc.wait(timeout=600)
+        exit_code = proc.wait(timeout=600)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # a hung worker, if any
     printed = (tmp_path / "out.txt").read_text()
-    assert code == 0, printed[-2000:]
+    assert exit_code == 0, printed[-2000:]
     assert float(printed) == 147.0  # 3 × 7 × 7 ones
