@@ -1,3 +1,4 @@
+import os
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def outside_make() -> dict:
+    """This environment without make's own variables: a make the tests start (under `make test`) prints
+    and behaves as one started from a shell, not as a sub-make ("make[1]: Entering directory …")."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
 
 
 def torchrun_two_nodes(stage: str, config_file: Path, logs: Path, env=None, timeout=600) -> tuple[list[int], str]:

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.config import dump_yaml
 from pipeline.rundir import RunDir
-from tests.conftest import REPO, copy_crawl, web_config
+from tests.conftest import REPO, copy_crawl, outside_make, web_config
 
 
 def invoke(*args):
@@ -65,8 +65,8 @@ def test_make_set_passes_overrides_to_the_demo_its_teacher_and_the_run():
 
 def test_make_setup_gpu_swaps_faiss_cpu_for_faiss_gpu():
     def recipe(*args):
-        return subprocess.run(["make", "-n", "setup", "VENV=/nonexistent/venv", *args], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout
+        return subprocess.run(["make", "-n", "setup", "VENV=/nonexistent/venv", *args], cwd=REPO, env=outside_make(),
+                              capture_output=True, text=True, check=True).stdout
 
     gpu = recipe("GPU=1")
     # the other build goes before this one installs: both write the module `faiss`

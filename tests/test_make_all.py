@@ -2,7 +2,6 @@
 the report written; the second run skips everything."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, outside_make
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +36,7 @@ SET = "synthesize.images=256 demo.teacher_epochs=8 demo.teacher_min_accuracy=0.9
 
 def make(checkout: Path, *targets):
     venv = Path(sys.executable).parent.parent  # the venv running the tests, already set up
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
-    return subprocess.run(["make", *targets, f"VENV={venv}", f"SET={SET}"], cwd=checkout, env=env,
+    return subprocess.run(["make", *targets, f"VENV={venv}", f"SET={SET}"], cwd=checkout, env=outside_make(),
                           capture_output=True, text=True, timeout=2400)  # a safety net: ≥ 4× a busy run
 
 
