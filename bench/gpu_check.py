@@ -42,7 +42,7 @@ from pipeline.config import dump_yaml, load_config  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.runner import run_stages  # noqa: E402
 from stages.common.teacher import load_embedder, load_teacher  # noqa: E402
-from stages.filter.knn import backend  # noqa: E402
+from stages.filter import knn  # noqa: E402
 
 FULL = {"pool": 20000, "side": 224, "bare_images": 5000, "score_batch": 256, "vectors": 10_000_000,
         "distill_batch": 256, "distill_epochs": 3}
@@ -93,7 +93,7 @@ def score_check(cfg, size: dict) -> dict:
 def filter_check(work: Path, size: dict) -> dict:
     run = bench_filter.synthetic_pool(size["vectors"], work / "filter")
     result = bench_filter.in_subprocess("filter", run)
-    return {"vectors": size["vectors"], "backend": backend(), "seconds": round(result["seconds"], 1),
+    return {"vectors": size["vectors"], "backend": knn.backend(), "seconds": round(result["seconds"], 1),
             "peak_mb": round(result["peak_mb"]), "kept": result["kept"], "density_index": result["density_index"]}
 
 
@@ -130,9 +130,7 @@ def torchrun_check(cfg, work: Path) -> dict:
 
 def report(results: dict) -> list[str]:
     s, f, d, t = (results[k] for k in ("score", "filter", "distill", "torchrun"))
-    index = f["density_index"] or {}
-    density = (f"IVF nprobe {index['nprobe']} of {index['nlist']}, recall@{index['k']} {index['recall_at_k']}"
-               if index.get("kind") == "ivf" else "exact")
+    density = knn.describe(f["density_index"])
     lines = [
         "# GPU check", "", f"Machine: {results['machine']}. Mode: {results['mode']}. "
         f"`python bench/gpu_check.py` ({results['seconds']:.0f} s).", "",

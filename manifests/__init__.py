@@ -6,6 +6,7 @@ Stages exchange only WebDataset shards, parquet manifests keyed by ``uid`` and r
 
 from manifests.io import (
                           ManifestError,
+                          ManifestWriter,
                           atomic_write_bytes,
                           atomic_write_json,
                           concat_arrays,
@@ -28,6 +29,7 @@ from manifests.schemas import (
 from manifests.uid import uid_for
 
 __all__ = [
+    "ManifestWriter",
     "CRAWL",
     "IMAGE_KEYS",
     "PERTURBATION",

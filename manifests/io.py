@@ -4,9 +4,11 @@ Every write goes to a temporary file in the same folder and is renamed into plac
 never sees half a file: a stage killed while writing leaves either the old file or none.
 """
 
+import itertools
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +56,26 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def concat_arrays(path: Path, parts: list[np.ndarray]) -> None:
+def concat_arrays(path: Path, parts: Iterable[np.ndarray], rows: int | None = None) -> None:
     """Row-wise concatenation of ``parts`` into one ``.npy`` file, streamed through a memory map
-    (the whole array is never in memory) and renamed into place when complete."""
+    (the whole array is never in memory) and renamed into place when complete. With ``rows`` given,
+    ``parts`` may be a generator that loads each part as it is needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = sum(len(p) for p in parts)
+    if rows is None:
+        parts = list(parts)
+        rows = sum(len(p) for p in parts)
+    parts = iter(parts)
+    first = next(parts)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=parts[0].dtype, shape=(rows, *parts[0].shape[1:]))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(rows, *first.shape[1:]))
         start = 0
-        for part in parts:
+        for part in itertools.chain([first], parts):
             out[start:start + len(part)] = part
             start += len(part)
+        if start != rows:
+            raise ValueError(f"{path}: {start} rows written, {rows} expected")
         out.flush()
         del out
         os.replace(tmp, path)
@@ -137,12 +146,43 @@ def write_manifest(df: pd.DataFrame | pa.Table, path: Path, spec: ManifestSchema
     """Validate ``df`` against ``spec`` and write it as parquet, atomically."""
     path = Path(path)
     table = _to_table(df, spec, str(path))
-    meta = dict(table.schema.metadata or {})
-    meta[_META_KEY] = json.dumps({"name": spec.name, "version": spec.version}).encode()
     buffer = pa.BufferOutputStream()
-    pq.write_table(table.replace_schema_metadata(meta), buffer)
+    pq.write_table(table.replace_schema_metadata(_metadata(table.schema, spec)), buffer)
     atomic_write_bytes(path, buffer.getvalue().to_pybytes())
     return path
+
+
+def _metadata(schema: pa.Schema, spec: ManifestSchema) -> dict:
+    return dict(schema.metadata or {}) | {_META_KEY: json.dumps({"name": spec.name, "version": spec.version}).encode()}
+
+
+class ManifestWriter:
+    """A manifest written part by part, each part validated as ``write_manifest`` validates a whole
+    one, so memory holds one part; the file takes its name only when the writer closes without error.
+    Keys are checked unique within a part: a caller whose parts could share keys checks across them."""
+
+    def __init__(self, path: Path, spec: ManifestSchema):
+        self.path, self.spec, self.rows = Path(path), spec, 0
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = pq.ParquetWriter(self.tmp, spec.schema.with_metadata(_metadata(spec.schema, spec)))
+
+    def write(self, df: pd.DataFrame | pa.Table) -> None:
+        table = _to_table(df, self.spec, str(self.path))
+        self.writer.write_table(table.replace_schema_metadata(None))
+        self.rows += len(table)
+
+    def __enter__(self) -> "ManifestWriter":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        self.writer.close()
+        if error_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
 
 
 def read_manifest(path: Path, spec: ManifestSchema, columns: list[str] | None = None,

@@ -115,8 +115,9 @@ def match_reference_set(vectors: np.ndarray, reference: np.ndarray, labels: np.n
                             settings.ivf_nprobe, seed=settings.seed)
     distances, ids = index.search(vectors, k)
     similarity = -distances.mean(axis=1).astype(np.float32)
-    votes = np.zeros((len(vectors), n_classes), np.float32)
-    np.add.at(votes, (np.repeat(np.arange(len(vectors)), k), labels[ids].ravel()), 1)
+    rows = np.repeat(np.arange(len(vectors)) * n_classes, k)
+    votes = np.bincount(rows + labels[ids].ravel(), minlength=len(vectors) * n_classes).reshape(-1, n_classes)
+    votes = votes.astype(np.float32)
     nearest = votes.argmax(axis=1).astype(np.int32)
     probability = (votes + 1) / (k + n_classes)  # Laplace-smoothed vote shares
 
@@ -404,12 +405,13 @@ class References:
 
 
 def load_vectors(run_dir: RunDir, which: str) -> np.ndarray:
-    """The score stage's features or embeddings, row i for row i of its manifest."""
+    """The score stage's features or embeddings, row i for row i of its manifest, in the dtype they
+    were stored in (float16 by default): each step converts the rows it works on, never all at once."""
     artifact = FEATURES if which == "features" else EMBEDDINGS
     if which == "embeddings" and not run_dir.path(artifact).is_file():
         raise UserError(f"filter.vectors embeddings: {run_dir.path(artifact)} not found: set score.embedder_model "
                         "and score.embedder_checkpoint and re-run score")
-    return knn.as_float32(run_dir.read(artifact))
+    return run_dir.read(artifact)
 
 
 # ---------------------------------------------------------------- the stage
@@ -597,12 +599,8 @@ def summary_text(s: dict) -> str:
              f"  weights: mean {s['weights']['mean']}, min {s['weights']['min']}, max {s['weights']['max']}, "
              f"{s['weights']['at_clip']} at the clip bounds {s['weights']['clip']}"]
     for name in ("match_index", "density_index"):
-        info = s.get(name)
-        if info and info.get("kind") == "ivf":
-            lines.append(f"  {name.replace('_', ' ')}: IVF nlist {info['nlist']} nprobe {info['nprobe']} over "
-                         f"{info['vectors']:,} vectors, recall@{info['k']} {info['recall_at_k']} vs exact search")
-        elif info and info.get("kind") == "flat":
-            lines.append(f"  {name.replace('_', ' ')}: exact ({info['backend']}) over {info['vectors']:,} vectors")
+        if s.get(name) and s[name].get("kind") in knn.KINDS:
+            lines.append(f"  {name.replace('_', ' ')}: {knn.describe(s[name])}")
     truth = s.get("truth")
     if truth:
         lines.append(f"  diagnostics (true sources, not used to select): precision {truth['precision']:.3f} (pool "

@@ -26,6 +26,8 @@ import json
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -110,18 +112,35 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
 
 
-def shard_stats(shard: Path, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Pass 1 for one crawl shard: key → (channel means, channel stds)."""
-    out = {}
+def in_order(pool: ProcessPoolExecutor, function, calls: Iterable[tuple], ahead: int):
+    """``function(*call)`` of each call on ``pool``, yielded in order, with at most ``ahead`` submitted
+    and unfinished: a call's arguments exist only while it is near, whatever the number of shards."""
+    waiting = deque()
+    for call in calls:
+        waiting.append(pool.submit(function, *call))
+        if len(waiting) >= ahead:
+            yield waiting.popleft().result()
+    while waiting:
+        yield waiting.popleft().result()
+
+
+def shard_stats(shard: Path, keys: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Pass 1 for one crawl shard: the keys found, and their channel means and stds."""
+    found, means, stds = [], [], []
     for key, _, data in images_with_keys(shard, set(keys)):
         mean, std = channel_stats(torch.from_numpy(image_array(data))[None])
-        out[key] = (mean[0].numpy(), std[0].numpy())
-    return out
+        found.append(key)
+        means.append(mean[0].numpy())
+        stds.append(std[0].numpy())
+    return found, np.asarray(means, np.float32).reshape(-1, 3), np.asarray(stds, np.float32).reshape(-1, 3)
 
 
-def write_shard(shard: Path, out: Path, jobs: pd.DataFrame, fmt: str) -> int:
+def write_shard(shard: Path, out: Path, jobs: pd.DataFrame, partner_mean: np.ndarray | None,
+                partner_std: np.ndarray | None, fmt: str) -> int:
     """Pass 2 for one crawl shard: its kept images and their perturbations, written to ``out``
-    atomically. ``jobs`` holds one row per (key, variant) with uid, partner statistics, λ, labels."""
+    atomically. ``jobs`` holds one row per (key, variant) with uid, λ and labels; ``partner_mean``
+    and ``partner_std`` the partner's statistics of each row."""
+    jobs = jobs.assign(position=np.arange(len(jobs)))
     by_key = {key: rows for key, rows in jobs.groupby("key", sort=False)}
     tmp = out.with_name(f".{out.name}.tmp")
     written = 0
@@ -134,7 +153,7 @@ def write_shard(shard: Path, out: Path, jobs: pd.DataFrame, fmt: str) -> int:
             pixels = image_array(data) if rows["lam"].notna().any() else None
             for row in rows.itertuples():
                 if not np.isnan(row.lam):
-                    mixed = perturb_image(pixels, row.partner_mean, row.partner_std, row.lam)
+                    mixed = perturb_image(pixels, partner_mean[row.position], partner_std[row.position], row.lam)
                     sample[f"mix{row.variant}.{fmt}"] = encode_image(
                         (mixed.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8), fmt)
             sink.write(sample)
@@ -158,40 +177,40 @@ def _stats(kept: pd.DataFrame, crawl_dir: Path, out: Path, workers: int) -> tupl
     path = out / "stats.npz"
     if path.is_file():
         saved = np.load(path)
-        if list(saved["uid"]) == kept["uid"].tolist():
+        if np.array_equal(saved["uid"], kept["uid"].to_numpy().astype(str)):
             return saved["mean"], saved["std"]
-    found: dict[tuple[str, str], tuple] = {}
-    groups = list(kept.groupby("shard", sort=True))
+    mean, std = np.full((len(kept), 3), np.nan, np.float32), np.full((len(kept), 3), np.nan, np.float32)
+    groups = kept.groupby("shard", sort=True).indices  # shard → kept rows
+    calls = ((crawl_dir / shard, kept["key"].to_numpy()[rows].tolist()) for shard, rows in groups.items())
     with worker_pool(workers) as pool:
-        futures = {shard: pool.submit(shard_stats, crawl_dir / shard, g["key"].tolist()) for shard, g in groups}
-        for shard, future in progress(futures.items(), desc="perturb: statistics", unit="shard"):
-            found.update({(shard, k): v for k, v in future.result().items()})
-    missing = [(s, k) for s, k in zip(kept["shard"], kept["key"]) if (s, k) not in found]
-    if missing:
+        results = in_order(pool, shard_stats, calls, ahead=2 * workers)
+        for rows, (keys, means, stds) in progress(zip(groups.values(), results), total=len(groups),
+                                                  desc="perturb: statistics", unit="shard"):
+            position = pd.Index(kept["key"].to_numpy()[rows]).get_indexer(keys)
+            mean[rows[position]], std[rows[position]] = means, stds
+    missing = np.flatnonzero(np.isnan(mean[:, 0]))
+    if len(missing):
+        first = kept.iloc[missing[0]]
         raise UserError(f"perturb: {len(missing)} kept image(s) are no longer in the crawl shards (first: "
-                        f"{missing[0][1]} in {missing[0][0]}); re-run crawl, score and filter with --force")
-    mean = np.stack([found[(s, k)][0] for s, k in zip(kept["shard"], kept["key"])])
-    std = np.stack([found[(s, k)][1] for s, k in zip(kept["shard"], kept["key"])])
+                        f"{first['key']} in {first['shard']}); re-run crawl, score and filter with --force")
     buffer = io.BytesIO()
     np.savez(buffer, uid=kept["uid"].to_numpy().astype(str), mean=mean, std=std)
     atomic_write_bytes(path, buffer.getvalue())
     return mean, std
 
 
-def plan(kept: pd.DataFrame, mean: np.ndarray, std: np.ndarray, settings: PerturbConfig) -> pd.DataFrame:
-    """One row per (kept image, variant): partner, λ and the partner's statistics. With no
-    variants, one row per image with no partner (the shard then carries the original alone)."""
+def plan(kept: pd.DataFrame, settings: PerturbConfig) -> pd.DataFrame:
+    """One row per (kept image, variant): partner (its row in ``kept``) and λ. With no variants, one
+    row per image with no partner (the shard then carries the original alone)."""
     if settings.variants == 0:
-        return kept.assign(variant=0, partner_uid=None, partner_pseudo_label=-1, lam=np.nan,
-                           partner_mean=None, partner_std=None)
+        return kept.assign(variant=0, partner_uid=None, partner_pseudo_label=-1, lam=np.nan, partner_row=-1)
     labels = kept["pseudo_label"].to_numpy()
     partners, lam = draw_partners(labels, settings.variants, settings.partner, settings.alpha, settings.seed)
     rows = np.repeat(np.arange(len(kept)), settings.variants)
     flat = partners.reshape(-1)
     return kept.iloc[rows].reset_index(drop=True).assign(
         variant=np.tile(np.arange(settings.variants), len(kept)), partner_uid=kept["uid"].to_numpy()[flat],
-        partner_pseudo_label=labels[flat], lam=lam.reshape(-1), partner_mean=list(mean[flat]),
-        partner_std=list(std[flat]))
+        partner_pseudo_label=labels[flat], lam=lam.reshape(-1), partner_row=flat)
 
 
 def run(cfg, run_dir: RunDir) -> dict:
@@ -203,20 +222,26 @@ def run(cfg, run_dir: RunDir) -> dict:
     workers = max(1, min(os.cpu_count() or 1, kept["shard"].nunique()))
     mean, std = _stats(kept, crawl_dir, out, workers) if settings.variants else (None, None)
     stats_s = time.time() - t0
-    jobs = plan(kept, mean, std, settings)
+    jobs = plan(kept, settings)
     jobs["out"] = "shards/" + jobs["shard"].map(lambda s: Path(s).name)
 
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    todo = [(shard, g) for shard, g in jobs.groupby("shard", sort=True) if not (out / g["out"].iloc[0]).is_file()]
-    resumed = jobs["shard"].nunique() - len(todo)
-    if resumed:
-        log.info("perturb: %d shard(s) already written, %d to go", resumed, len(todo))
+    groups = jobs.groupby("shard", sort=True).indices  # crawl shard → its rows of jobs
+    todo = [shard for shard, rows in groups.items() if not (out / jobs["out"].iat[rows[0]]).is_file()]
+    if len(todo) < len(groups):
+        log.info("perturb: %d shard(s) already written, %d to go", len(groups) - len(todo), len(todo))
+
+    def call(shard: str) -> tuple:  # made when its turn comes: one shard's jobs at a time
+        g = jobs.iloc[groups[shard]]
+        partner = (mean[g["partner_row"]], std[g["partner_row"]]) if settings.variants else (None, None)
+        return crawl_dir / shard, out / g["out"].iloc[0], g, *partner, settings.encode_format
+
     with worker_pool(workers) as pool:
-        futures = [pool.submit(write_shard, crawl_dir / shard, out / g["out"].iloc[0], g, settings.encode_format)
-                   for shard, g in todo]
-        for (shard, g), future in progress(list(zip(todo, futures)), desc="perturb: writing shards", unit="shard"):
-            if (written := future.result()) != g["key"].nunique():
-                raise UserError(f"perturb: crawl shard {shard} holds {written} of its {g['key'].nunique()} kept "
+        results = in_order(pool, write_shard, map(call, todo), ahead=2 * workers)
+        for shard, written in progress(zip(todo, results), total=len(todo), desc="perturb: writing shards",
+                                       unit="shard"):
+            if written != (expected := jobs["key"].iloc[groups[shard]].nunique()):
+                raise UserError(f"perturb: crawl shard {shard} holds {written} of its {expected} kept "
                                 "images; re-run crawl, score and filter with --force")
     run_dir.write_inventory(PERTURB_INVENTORY, jobs["out"].unique())
     run_dir.write(PERTURB_COUNTS, jobs.groupby("out")["key"].nunique().to_dict())
@@ -225,7 +250,7 @@ def run(cfg, run_dir: RunDir) -> dict:
     if settings.variants:
         run_dir.write(PERTURBATION_MANIFEST, manifest[[f.name for f in PERTURBATION.schema]])
     counts = {"kept": len(kept), "perturbed": int(manifest["lam"].notna().sum()),
-              "shards": int(jobs["out"].nunique()), "resumed_shards": resumed}
+              "shards": int(jobs["out"].nunique()), "resumed_shards": len(groups) - len(todo)}
     summary = {**counts, "variants": settings.variants, "alpha": settings.alpha, "partner": settings.partner,
                "lam_mean": float(np.nanmean(manifest["lam"])) if settings.variants else None,
                "across_class_share": float((manifest["pseudo_label"] != manifest["partner_pseudo_label"]).mean())

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
@@ -41,6 +43,7 @@ from PIL import Image
 from manifests import (
     SCORE,
     SCORE_FAILURES,
+    ManifestWriter,
     atomic_write_bytes,
     concat_arrays,
     expand_shards,
@@ -255,33 +258,46 @@ def expected_by_shard(crawl: pd.DataFrame) -> dict[str, dict[str, str]]:
     return {Path(shard).name: dict(zip(group["key"], group["uid"])) for shard, group in ok.groupby("shard", sort=True)}
 
 
-def merge_parts(out: Path, shards: list[str], expected: dict[str, dict[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Concatenate the per-shard parts (in shard order) into the manifest, arrays and failures."""
-    manifests, failures, arrays = [], [], {}
-    for shard in shards:
-        rows_file, arrays_file, failures_file = _part_paths(out / "parts", shard)
-        rows = pd.read_parquet(rows_file)
-        manifests.append(rows)
-        failures.append(pd.read_parquet(failures_file))
-        with np.load(arrays_file) as z:
-            for name in z.files:
-                arrays.setdefault(name, []).append(z[name])
+def merge_parts(out: Path, shards: list[str], expected: dict[str, dict[str, str]]) -> tuple[pd.DataFrame, dict]:
+    """Concatenate the per-shard parts (in shard order) into the manifest, arrays and failures, one
+    part at a time (memory holds one shard's rows, whatever the pool's size). Returns the failures and
+    the pseudo-class counts and confidence sum of the scored rows, for the summary."""
+    parts = [_part_paths(out / "parts", shard) for shard in shards]
+    failures, rows = [], []
+    for shard, (rows_file, _, failures_file) in zip(shards, parts):
+        uids = pq.read_table(rows_file, columns=["uid"])["uid"].to_pylist()
+        failed = pd.read_parquet(failures_file)
+        if set(uids) | set(failed["uid"]) != set(expected[shard].values()) \
+                or len(uids) + len(failed) != len(expected[shard]):
+            raise UserError(f"score: the parts in {out / 'parts'} do not account for every image of {shard} exactly "
+                            f"once ({len(uids) + len(failed)} rows for {len(expected[shard])} images); re-run with "
+                            "--force")
+        failures.append(failed)
+        rows.append(len(uids))
     failed = pd.concat(failures, ignore_index=True)
-    if not any(len(m) for m in manifests):
+    if not sum(rows):
         reasons = ", ".join(f"{r} {n}" for r, n in Counter(failed["reason"]).most_common())
         raise UserError(f"score: not one crawled image could be used ({reasons}); see {out / 'parts'}/*.failures.parquet")
-    manifest = pd.concat([m for m in manifests if len(m)], ignore_index=True)
-    accounted = set(manifest["uid"]) | set(failed["uid"])
-    wanted = {uid for keys in expected.values() for uid in keys.values()}
-    if accounted != wanted or len(manifest) + len(failed) != len(wanted):
-        raise UserError(f"score: the parts in {out / 'parts'} do not account for every crawled image exactly once "
-                        f"({len(manifest) + len(failed)} rows for {len(wanted)} images); re-run with --force")
-    for name, parts in arrays.items():
-        parts = [p for p in parts if len(p)]
-        concat_arrays(out / f"{name}.npy", parts)
+
+    scored = [files for files, n in zip(parts, rows) if n]
+    with np.load(scored[0][1]) as z:
+        names = z.files
+    for name in names:
+        concat_arrays(out / f"{name}.npy", (_load_array(arrays_file, name) for _, arrays_file, _ in scored), sum(rows))
     write_manifest(failed, out / "failures.parquet", SCORE_FAILURES)
-    write_manifest(manifest, out / "manifest.parquet", SCORE)  # last: the stage's main output
-    return manifest, failed
+    classes, confidence = Counter(), 0.0
+    with ManifestWriter(out / "manifest.parquet", SCORE) as manifest:  # last: the stage's main output
+        for rows_file, _, _ in scored:
+            part = pq.read_table(rows_file)
+            manifest.write(part)
+            classes.update(part["pseudo_class"].to_pylist())
+            confidence += float(pc.sum(part["confidence"]).as_py())
+    return failed, {"pseudo_classes": classes, "confidence_sum": confidence, "scored": sum(rows)}
+
+
+def _load_array(path: Path, name: str) -> np.ndarray:
+    with np.load(path) as z:
+        return z[name]
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
@@ -330,15 +346,15 @@ def _teacher_info(teacher: Teacher, settings: ScoreConfig, embedder_dim: int | N
                          "dim": embedder_dim} if embedder_dim else None}
 
 
-def summarize(manifest: pd.DataFrame, failed: pd.DataFrame, class_names: list[str], seconds: float, images: int) -> dict:
-    histogram = manifest["pseudo_class"].value_counts().reindex(class_names, fill_value=0)
+def summarize(scored: dict, failed: pd.DataFrame, class_names: list[str], seconds: float, images: int) -> dict:
+    """The summary of the scored rows (``merge_parts``' counts) and the failures."""
     return {
-        "images": len(manifest) + len(failed),
-        "scored": len(manifest),
+        "images": scored["scored"] + len(failed),
+        "scored": scored["scored"],
         "failed": len(failed),
         "failures_by_reason": dict(Counter(failed["reason"]).most_common()),
-        "pseudo_class_histogram": {str(k): int(v) for k, v in histogram.items()},
-        "mean_confidence": round(float(manifest["confidence"].mean()), 4) if len(manifest) else None,
+        "pseudo_class_histogram": {str(name): scored["pseudo_classes"][name] for name in class_names},
+        "mean_confidence": round(scored["confidence_sum"] / scored["scored"], 4) if scored["scored"] else None,
         "score_seconds": round(seconds, 2),
         "images_per_s": round(images / seconds, 1) if seconds and images else None,
     }
@@ -398,14 +414,14 @@ def run(cfg, run_dir: RunDir) -> dict:
         return {}
 
     t2 = time.time()
-    manifest, failed = merge_parts(out, shards, expected)
+    failed, scored = merge_parts(out, shards, expected)
     run_dir.write(TEACHER_INFO, _teacher_info(teacher, cfg.score, scorer.embedder_dim))
     _write_references(out, teacher, embedder)
     if cfg.score.reference_shards:
         reference = score_reference(expand_shards(cfg.score.reference_shards, 'score.reference_shards'), scorer)
         _save_npz(out / "reference.npz", reference)
         log.info("score: %d reference images scored into %s", len(reference["logits"]), out / "reference.npz")
-    summary = summarize(manifest, failed, teacher.class_names, seconds, images)
+    summary = summarize(scored, failed, teacher.class_names, seconds, images)
     run_dir.write(SCORE_SUMMARY, summary)
     _log_summary(summary, device)
     return {
