@@ -50,13 +50,14 @@ class FilterConfig:
     weight_power: float = opt(1.0, "weight = (1/propensity)^weight_power before normalising: 1 is IPW as published, "
                               "0.5 tempers it (a square root: less variance, less correction), 0 turns it off", valid=">= 0")
     weight_clip: list = opt([0.1, 10.0], "[min, max] of the normalised weights (their mean stays 1)", valid="[min, max] > 0")
-    exact_search_max: int = opt(50000, "kNN over up to this many vectors is exact (faiss IndexFlat); an IVF index "
-                                "is used above", valid="> 0")
+    exact_search_max: int = opt(50000, "kNN over up to this many vectors is exact (faiss IndexFlat); above, the "
+                                "first of IVF-PQ fast-scan re-ranked exactly, IVF-Flat, exact search that reaches "
+                                "target_recall probing at most 1/16 of its lists", valid="> 0")
     density_max_points: int = opt(100000, "the local density is measured against at most this many kept "
                                   "samples (a random subset)", valid="> 0")
     ivf_nprobe: int = opt(0, "inverted lists an IVF search visits; 0: the smallest power of two that reaches "
                           "target_recall on a sample", valid=">= 0")
-    target_recall: float = opt(0.95, "recall@k against exact search that the IVF index must reach", valid="(0, 1]")
+    target_recall: float = opt(0.95, "recall@k against exact search (measured on 1,000 sampled queries) that an approximate index must reach", valid="(0, 1]")
     seed: int = opt(0, "seed of the random policy, subsets and k-means")
     diagnostics_sources: str | None = opt(
         None, "the demo's side file of true sources (uid, source, label): used after selection to report the kept "
