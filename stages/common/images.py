@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from manifests import IMAGE_KEYS
+from stages.common.tar_stream import tar_samples
 
 # file suffixes read as images from a folder (the crawl's `source: folder`, a labelled test folder)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -23,9 +24,13 @@ def image_key(sample: dict) -> str | None:
 
 
 def images_with_keys(shard: Path, keys: set[str]) -> Iterator[tuple[str, str, bytes]]:
-    """(key, extension, bytes) of the samples of ``shard`` whose key is in ``keys``."""
-    for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
-        if sample["__key__"] in keys and (ext := image_key(sample)) is not None:
+    """(key, extension, bytes) of the samples of ``shard`` whose key is in ``keys``; only their image
+    members are read (``tar_stream``), the rest of the shard is skipped unread."""
+    def wanted(name: str) -> bool:
+        return is_image_member(name) and base_plus_ext(name)[0] in keys
+
+    for sample in tar_samples([{"url": str(shard)}], handler=lambda e: False, select=wanted):
+        if (ext := image_key(sample)) is not None:
             yield sample["__key__"], ext, sample[ext]
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from stages.common.images import image_key
+from stages.common.tar_stream import tar_samples
 
 
 def epoch_order(shards: list[str], seed: int, epoch: int) -> list[str]:
@@ -102,7 +103,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         """One shard's samples for this rank, decoded (from the cache after the first time)."""
         if url in self.cache:
             return self.cache[url]
-        samples = wds.tarfile_to_samples()(iter([{"url": url}]))
+        samples = tar_samples([{"url": url}], handler=lambda e: False)  # damage raises: the inventory was checked
         if self.split == "sample":
             samples = every_nth_per_shard(samples, self.rank, self.world)
         decoded = [decode(s, self.transform, self.data.rows, self.with_mix) for s in samples]

@@ -56,6 +56,7 @@ from pipeline.rundir import RunDir
 from stages.common.batchnorm import BatchNormStatistics, batchnorm_layers
 from stages.common.images import image_key, is_image_member
 from stages.common.progress import progress
+from stages.common.tar_stream import tar_samples
 from stages.common.teacher import Embedder, Teacher, check_teacher, load_embedder, load_teacher
 from stages.score.config import ScoreConfig
 
@@ -102,8 +103,9 @@ def make_loader(shards: list[Path], transforms: list, batch_size: int, num_worke
     dataset = wds.DataPipeline(
         wds.SimpleShardList([str(s) for s in shards]),
         wds.split_by_worker,
-        # only the image of each sample is read: the uid comes from the crawl manifest by key
-        wds.tarfile_to_samples(handler=_damaged_tar, select_files=_is_labelled_image if with_labels else _is_image),
+        # only the image of each sample is read (the uid comes from the crawl manifest by key), from a
+        # memory map rather than with tarfile: half the loader's CPU time on small images
+        partial(tar_samples, handler=_damaged_tar, select=_is_labelled_image if with_labels else _is_image),
         wds.map(partial(decode_sample, transforms=transforms, placeholders=placeholders)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
@@ -234,9 +236,10 @@ def score_shards(shards: list[Path], expected: dict[str, dict[str, str]], scorer
             arrays = scorer([x[ok] for x in batch["inputs"]]) if ok else {}
             position = {i: j for j, i in enumerate(ok)}
             for i, (shard, key, error) in enumerate(zip(batch["shard"], batch["key"], batch["error"])):
-                result = results[shard]
-                if key not in result.expected:
-                    log.warning("score: %s/%s is not in the crawl manifest: skipped", shard, key)
+                result = results.get(shard)
+                if result is None or key not in result.expected:  # none: its part is written already
+                    log.warning("score: %s/%s is not in the crawl manifest, or twice in its shard: skipped", shard,
+                                key)
                     continue
                 if error is None:
                     result.add(key, {name: a[position[i]] for name, a in arrays.items()})
@@ -244,6 +247,7 @@ def score_shards(shards: list[Path], expected: dict[str, dict[str, str]], scorer
                     result.fail(key, result.expected[key], "decode_error", error)
                 if result.seen() == len(result.expected):
                     write_part(parts, result, scorer.teacher.class_names, settings.top_k)
+                    del results[shard]  # its rows are on disk: memory holds only the shards being read
             images += len(batch["key"])
             bar.update(len(batch["key"]))
     for result in results.values():  # a damaged tar ends early: record what it did not yield
