@@ -57,7 +57,7 @@ def synthetic_pool(n: int, work: Path = WORK, spectrum: str = "embedding") -> Pa
 
     ``spectrum``: "embedding" varies each vector along a 32-d latent subspace (per cluster) plus small
     isotropic noise, as learned features do (the demo teachers' features put 95% of their variance in
-    6–11 dimensions, see ``intrinsic_dimensions``); "isotropic" spreads them over all 512 dimensions,
+    6 and 10 dimensions: ``intrinsic_dimensions``, in filter.md); "isotropic" spreads them over all 512 dimensions,
     the worst case for any approximate index, where nearest neighbours are barely nearer than the rest."""
     run = work / (f"pool-{n}" if spectrum == "embedding" else f"pool-{n}-{spectrum}")
     if SCORE_MANIFEST.location(run).is_file():
@@ -166,8 +166,9 @@ def worker_brute(run: Path) -> dict:
     for name, base, queries, k in (("reference", reference, vectors, settings.k),
                                    ("density", database, kept, settings.k + 1)):
         sample = queries[rng.choice(len(queries), min(len(queries), BRUTE_QUERIES), replace=False)]
+        exact = knn.flat_index(base)  # built, as scikit-learn's is fitted, before the clock starts
         for method, search in (("sklearn", NearestNeighbors(n_neighbors=k, algorithm="brute").fit(base).kneighbors),
-                               ("faiss_exact", lambda q: knn.flat_index(base).search(q, k))):
+                               ("faiss_exact", lambda q: exact.search(q, k))):
             t0 = time.time()
             search(sample)
             seconds[method] += (time.time() - t0) * len(queries) / len(sample)  # scaled to all queries

@@ -162,7 +162,7 @@ class ManifestWriter:
     Keys are checked unique within a part: a caller whose parts could share keys checks across them."""
 
     def __init__(self, path: Path, spec: ManifestSchema):
-        self.path, self.spec, self.rows = Path(path), spec, 0
+        self.path, self.spec = Path(path), spec
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer = pq.ParquetWriter(self.tmp, spec.schema.with_metadata(_metadata(spec.schema, spec)))
@@ -170,7 +170,6 @@ class ManifestWriter:
     def write(self, df: pd.DataFrame | pa.Table) -> None:
         table = _to_table(df, self.spec, str(self.path))
         self.writer.write_table(table.replace_schema_metadata(None))
-        self.rows += len(table)
 
     def __enter__(self) -> "ManifestWriter":
         return self

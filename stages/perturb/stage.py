@@ -180,13 +180,13 @@ def _stats(kept: pd.DataFrame, crawl_dir: Path, out: Path, workers: int) -> tupl
         if np.array_equal(saved["uid"], kept["uid"].to_numpy().astype(str)):
             return saved["mean"], saved["std"]
     mean, std = np.full((len(kept), 3), np.nan, np.float32), np.full((len(kept), 3), np.nan, np.float32)
-    groups = kept.groupby("shard", sort=True).indices  # shard → kept rows
-    calls = ((crawl_dir / shard, kept["key"].to_numpy()[rows].tolist()) for shard, rows in groups.items())
+    groups, keys = kept.groupby("shard", sort=True).indices, kept["key"].to_numpy()  # shard → kept rows
+    calls = ((crawl_dir / shard, keys[rows].tolist()) for shard, rows in groups.items())
     with worker_pool(workers) as pool:
         results = in_order(pool, shard_stats, calls, ahead=2 * workers)
-        for rows, (keys, means, stds) in progress(zip(groups.values(), results), total=len(groups),
-                                                  desc="perturb: statistics", unit="shard"):
-            position = pd.Index(kept["key"].to_numpy()[rows]).get_indexer(keys)
+        for rows, (found, means, stds) in progress(zip(groups.values(), results), total=len(groups),
+                                                   desc="perturb: statistics", unit="shard"):
+            position = pd.Index(keys[rows]).get_indexer(found)
             mean[rows[position]], std[rows[position]] = means, stds
     missing = np.flatnonzero(np.isnan(mean[:, 0]))
     if len(missing):
