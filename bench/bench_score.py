@@ -86,8 +86,8 @@ def loop_run(cfg, crawl_run: Path, shard_names, embedder) -> tuple[float, int]:
     shutil.rmtree(parts, ignore_errors=True)
     device = devices.pick_device(cfg.score.device)
     scorer = score_stage.Scorer(load_teacher(cfg.teacher, device), cfg.score, device, embedder)
-    crawl = read_manifest(crawl_run / "crawl" / "manifest.parquet", CRAWL, columns=["uid", "status", "shard", "key"])
-    expected = score_stage.expected_by_shard(crawl)
+    expected = score_stage.CrawledImages(read_manifest(crawl_run / "crawl" / "manifest.parquet", CRAWL,
+                                                       columns=["uid", "status", "shard", "key"], arrow=True))
     t0 = time.perf_counter()
     images = score_stage.score_shards([crawl_run / "crawl" / "shards" / s for s in shard_names], expected, scorer,
                                       parts, show_progress=False)

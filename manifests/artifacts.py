@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from manifests.errors import UserError
 from manifests.io import (
@@ -63,14 +65,14 @@ def _missing(root: Path, a: Artifact) -> ManifestError:
     return ManifestError(f"{a.location(root)}: {a.about} not found (has the {a.stage} stage run?)")
 
 
-def read(root: Path, a: Artifact, columns: list[str] | None = None):
-    """A manifest as a DataFrame, an array (memory-mapped, checked against its manifest's rows),
-    a json object; the path of a file or folder (checked to exist)."""
+def read(root: Path, a: Artifact, columns: list[str] | None = None, arrow: bool = False):
+    """A manifest as a DataFrame (``arrow``: a pyarrow Table), an array (memory-mapped, checked against
+    its manifest's rows), a json object; the path of a file or folder (checked to exist)."""
     path = a.location(root)
     if a.kind == "manifest":
-        return read_manifest(path, a.schema, columns, stage=a.stage)
+        return read_manifest(path, a.schema, columns, stage=a.stage, arrow=arrow)
     if a.kind == "array":
-        return read_array(path, len(read(root, a.rows_of, ["uid"])), a.about, stage=a.stage)
+        return read_array(path, read(root, a.rows_of, ["uid"], arrow=True).num_rows, a.about, stage=a.stage)
     if not path.exists():
         raise _missing(root, a)
     if a.kind == "json":
@@ -102,15 +104,15 @@ def write(root: Path, a: Artifact, data) -> Path:
 
 def rows(root: Path, a: Artifact, uids) -> np.ndarray:
     """The rows of array ``a`` that belong to ``uids``, in that order, in memory (its own dtype)."""
-    uid_column = read(root, a.rows_of, ["uid"])["uid"]  # read once: it also gives the row count
-    position = dict(zip(uid_column, range(len(uid_column))))
-    wanted = list(uids)
-    unknown = [u for u in wanted if u not in position]
-    if unknown:
+    uid_column = read(root, a.rows_of, ["uid"], arrow=True)["uid"]  # read once: it also gives the row count
+    wanted = pa.array(list(uids), uid_column.type)
+    position = pc.index_in(wanted, value_set=uid_column)  # Arrow's hash join: no Python object per row
+    if position.null_count:
+        unknown = wanted.filter(position.is_null())
         raise ManifestError(f"{a.location(root)}: {len(unknown)} uid(s) are not in {a.rows_of.name} (first: "
                             f"{unknown[0]}); re-run the {a.stage} stage and the ones after it with --force")
     array = read_array(a.location(root), len(uid_column), a.about, stage=a.stage)
-    return np.asarray(array[np.asarray([position[u] for u in wanted], dtype=np.int64)])
+    return np.asarray(array[position.to_numpy().astype(np.int64)])
 
 
 def digest(path: Path) -> dict:

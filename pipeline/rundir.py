@@ -46,8 +46,8 @@ class RunDir:
     def path(self, artifact: artifacts.Artifact) -> Path:
         return artifact.location(self)
 
-    def read(self, artifact: artifacts.Artifact, columns: list[str] | None = None):
-        return artifacts.read(self, artifact, columns)
+    def read(self, artifact: artifacts.Artifact, columns: list[str] | None = None, arrow: bool = False):
+        return artifacts.read(self, artifact, columns, arrow)
 
     def write(self, artifact: artifacts.Artifact, data) -> Path:
         return artifacts.write(self, artifact, data)

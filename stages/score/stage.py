@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -221,14 +222,15 @@ class Scorer:
         return out
 
 
-def score_shards(shards: list[Path], expected: dict[str, dict[str, str]], scorer: Scorer, parts: Path,
+def score_shards(shards: list[Path], expected: "CrawledImages", scorer: Scorer, parts: Path,
                  show_progress: bool = True) -> int:
     """Score ``shards`` and write one part per shard; returns the number of images read."""
-    results = {s.name: ShardResult(s.name, expected[s.name]) for s in shards}
+    pending = {s.name for s in shards}
+    results: dict[str, ShardResult] = {}  # the shards being read: a shard's key → uid map is built when it starts
     settings = scorer.settings
     loader = make_loader(shards, scorer.transforms, settings.batch_size, settings.num_workers,
                          pin_memory=scorer.device.type == "cuda")
-    total = sum(len(r.expected) for r in results.values())
+    total = sum(expected.count(name) for name in pending)
     images = 0
     with progress(total=total, desc="score", unit="img", disable=not show_progress, smoothing=0.1) as bar:
         for batch in loader:
@@ -236,6 +238,9 @@ def score_shards(shards: list[Path], expected: dict[str, dict[str, str]], scorer
             arrays = scorer([x[ok] for x in batch["inputs"]]) if ok else {}
             position = {i: j for j, i in enumerate(ok)}
             for i, (shard, key, error) in enumerate(zip(batch["shard"], batch["key"], batch["error"])):
+                if shard in pending:
+                    pending.discard(shard)
+                    results[shard] = ShardResult(shard, expected.of(shard))
                 result = results.get(shard)
                 if result is None or key not in result.expected:  # none: its part is written already
                     log.warning("score: %s/%s is not in the crawl manifest, or twice in its shard: skipped", shard,
@@ -250,19 +255,42 @@ def score_shards(shards: list[Path], expected: dict[str, dict[str, str]], scorer
                     del results[shard]  # its rows are on disk: memory holds only the shards being read
             images += len(batch["key"])
             bar.update(len(batch["key"]))
-    for result in results.values():  # a damaged tar ends early: record what it did not yield
+    # a damaged tar ends early (or yields nothing): record what it did not yield
+    unfinished = list(results.values()) + [ShardResult(name, expected.of(name)) for name in sorted(pending)]
+    for result in unfinished:
         if result.seen() < len(result.expected):
             result.missing()
             write_part(parts, result, scorer.teacher.class_names, settings.top_k)
     return images
 
 
-def expected_by_shard(crawl: pd.DataFrame) -> dict[str, dict[str, str]]:
-    ok = crawl[crawl["status"] == "success"]
-    return {Path(shard).name: dict(zip(group["key"], group["uid"])) for shard, group in ok.groupby("shard", sort=True)}
+class CrawledImages:
+    """The images the crawl downloaded, by shard: its manifest's key and uid columns kept as Arrow
+    arrays sorted by shard (a few dozen bytes an image, not a Python object each), and one shard's
+    key → uid map built when that shard is read."""
+
+    def __init__(self, crawl: pa.Table):
+        ok = crawl.filter(pc.equal(crawl["status"], "success"))
+        name = pc.replace_substring_regex(ok["shard"], pattern=r"^.*/", replacement="")  # shards/00003.tar → 00003.tar
+        self.table = pa.table({"name": name, "key": ok["key"], "uid": ok["uid"]}).sort_by("name")
+        counts = self.table.group_by("name").aggregate([("key", "count")]).sort_by("name")
+        self.names = counts["name"].to_pylist()
+        starts = np.concatenate([[0], np.cumsum(counts["key_count"].to_numpy())])
+        self._span = {n: (int(starts[i]), int(starts[i + 1] - starts[i])) for i, n in enumerate(self.names)}
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def count(self, shard: str) -> int:
+        return self._span[shard][1]
+
+    def of(self, shard: str) -> dict[str, str]:
+        """key → uid of every image the crawl put in ``shard`` (e.g. 00003.tar)."""
+        rows = self.table.slice(*self._span[shard])
+        return dict(zip(rows["key"].to_pylist(), rows["uid"].to_pylist()))
 
 
-def merge_parts(out: Path, shards: list[str], expected: dict[str, dict[str, str]]) -> tuple[pd.DataFrame, dict]:
+def merge_parts(out: Path, shards: list[str], expected: CrawledImages) -> tuple[pd.DataFrame, dict]:
     """Concatenate the per-shard parts (in shard order) into the manifest, arrays and failures, one
     part at a time (memory holds one shard's rows, whatever the pool's size). Returns the failures and
     the pseudo-class counts and confidence sum of the scored rows, for the summary."""
@@ -271,11 +299,10 @@ def merge_parts(out: Path, shards: list[str], expected: dict[str, dict[str, str]
     for shard, (rows_file, _, failures_file) in zip(shards, parts):
         uids = pq.read_table(rows_file, columns=["uid"])["uid"].to_pylist()
         failed = pd.read_parquet(failures_file)
-        if set(uids) | set(failed["uid"]) != set(expected[shard].values()) \
-                or len(uids) + len(failed) != len(expected[shard]):
+        crawled = expected.of(shard).values()
+        if set(uids) | set(failed["uid"]) != set(crawled) or len(uids) + len(failed) != len(crawled):
             raise UserError(f"score: the parts in {out / 'parts'} do not account for every image of {shard} exactly "
-                            f"once ({len(uids) + len(failed)} rows for {len(expected[shard])} images); re-run with "
-                            "--force")
+                            f"once ({len(uids) + len(failed)} rows for {len(crawled)} images); re-run with --force")
         failures.append(failed)
         rows.append(len(uids))
     failed = pd.concat(failures, ignore_index=True)
@@ -385,11 +412,10 @@ def preflight(cfg) -> None:
 
 def run(cfg, run_dir: RunDir) -> dict:
     out = run_dir.stage_dir("score")
-    crawl = run_dir.read(CRAWL_MANIFEST, columns=["uid", "status", "shard", "key"])
-    expected = expected_by_shard(crawl)
+    expected = CrawledImages(run_dir.read(CRAWL_MANIFEST, columns=["uid", "status", "shard", "key"], arrow=True))
     if not expected:
         raise UserError(f"score: the crawl manifest {run_dir.path(CRAWL_MANIFEST)} lists no downloaded image")
-    shards, shard_dir = sorted(expected), run_dir.path(CRAWL_SHARDS)
+    shards, shard_dir = expected.names, run_dir.path(CRAWL_SHARDS)
 
     t0 = time.time()
     device = devices.pick_device(cfg.score.device)
