@@ -124,3 +124,9 @@ def test_json_artifacts_must_hold_their_declared_keys(tmp_path):
 
 def test_score_manifest_schema_is_the_declared_one():
     assert artifacts.SCORE_MANIFEST.schema is SCORE
+
+
+def test_the_makefile_lists_the_registered_stages_in_order():
+    # `make <stage>` targets come from this one Makefile line (make cannot import the registry before set-up)
+    line = next(x for x in (REPO / "Makefile").read_text().splitlines() if x.startswith("STAGES :="))
+    assert line.split(":=")[1].split() == list(STAGE_NAMES)

@@ -286,8 +286,11 @@ def density_propensity(vectors: np.ndarray, settings: FilterConfig) -> tuple[np.
     return np.median(mean_distance) / mean_distance, index.info()
 
 
+DENSITY_PROPENSITIES = ("density", "class_frequency_x_density")  # the formulas that read the kept vectors
+
+
 def propensity(formula: str, pseudo_label: np.ndarray, confidence: np.ndarray, reference_probability: np.ndarray | None,
-               vectors: np.ndarray, n_classes: int, prior: np.ndarray, settings: FilterConfig
+               vectors: np.ndarray | None, n_classes: int, prior: np.ndarray, settings: FilterConfig
                ) -> tuple[np.ndarray, dict | None]:
     """P(machine domain | x) of each kept sample, up to a constant, by ``formula`` (see FilterConfig)."""
     index = None
@@ -295,7 +298,7 @@ def propensity(formula: str, pseudo_label: np.ndarray, confidence: np.ndarray, r
         return np.ones(len(pseudo_label)), None
     if formula in ("class_frequency", "class_frequency_x_density"):
         e = class_frequency_propensity(pseudo_label, n_classes, prior)
-        if formula == "class_frequency_x_density":
+        if formula in DENSITY_PROPENSITIES:
             density, index = density_propensity(vectors, settings)
             e = e * density
         return e, index
@@ -440,8 +443,8 @@ def filter_pool(settings: FilterConfig, manifest: pd.DataFrame, vectors: np.ndar
     prior = (refs.label_prior(n_classes) if settings.class_prior == "reference" else np.full(n_classes, 1 / n_classes))
     kept_propensity, density_index = propensity(
         settings.propensity, labels[kept], confidence[kept],
-        None if found.class_probability is None else found.class_probability[kept], vectors[kept], n_classes, prior,
-        settings)
+        None if found.class_probability is None else found.class_probability[kept],
+        vectors[kept] if settings.propensity in DENSITY_PROPENSITIES else None, n_classes, prior, settings)
     weight = np.zeros(len(keep), np.float32)
     weight[kept] = normalised_weights(kept_propensity ** -settings.weight_power, low, high)
     propensity_column = np.full(len(keep), np.nan, np.float32)

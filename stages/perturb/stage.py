@@ -209,7 +209,7 @@ def plan(kept: pd.DataFrame, settings: PerturbConfig) -> pd.DataFrame:
     rows = np.repeat(np.arange(len(kept)), settings.variants)
     flat = partners.reshape(-1)
     return kept.iloc[rows].reset_index(drop=True).assign(
-        variant=np.tile(np.arange(settings.variants), len(kept)), partner_uid=kept["uid"].to_numpy()[flat],
+        variant=np.tile(np.arange(settings.variants), len(kept)), partner_uid=kept["uid"].array.take(flat),
         partner_pseudo_label=labels[flat], lam=lam.reshape(-1), partner_row=flat)
 
 
@@ -223,7 +223,7 @@ def run(cfg, run_dir: RunDir) -> dict:
     mean, std = _stats(kept, crawl_dir, out, workers) if settings.variants else (None, None)
     stats_s = time.time() - t0
     jobs = plan(kept, settings)
-    jobs["out"] = "shards/" + jobs["shard"].map(lambda s: Path(s).name)
+    jobs["out"] = "shards/" + jobs["shard"].str.replace(r"^.*/", "", regex=True)  # the crawl shard's name
 
     (out / "shards").mkdir(parents=True, exist_ok=True)
     groups = jobs.groupby("shard", sort=True).indices  # crawl shard → its rows of jobs
