@@ -298,7 +298,7 @@ def propensity(formula: str, pseudo_label: np.ndarray, confidence: np.ndarray, r
         return np.ones(len(pseudo_label)), None
     if formula in ("class_frequency", "class_frequency_x_density"):
         e = class_frequency_propensity(pseudo_label, n_classes, prior)
-        if formula in DENSITY_PROPENSITIES:
+        if formula == "class_frequency_x_density":
             density, index = density_propensity(vectors, settings)
             e = e * density
         return e, index

@@ -174,10 +174,10 @@ def _kept(run_dir: RunDir) -> pd.DataFrame:
 
 def _stats(kept: pd.DataFrame, crawl_dir: Path, out: Path, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """Pass 1 (or its saved result): per-channel mean and std of every kept image, in row order."""
-    path = out / "stats.npz"
+    path, uids = out / "stats.npz", kept["uid"].to_numpy().astype(str)
     if path.is_file():
         saved = np.load(path)
-        if np.array_equal(saved["uid"], kept["uid"].to_numpy().astype(str)):
+        if np.array_equal(saved["uid"], uids):
             return saved["mean"], saved["std"]
     mean, std = np.full((len(kept), 3), np.nan, np.float32), np.full((len(kept), 3), np.nan, np.float32)
     groups, keys = kept.groupby("shard", sort=True).indices, kept["key"].to_numpy()  # shard → kept rows
@@ -194,7 +194,7 @@ def _stats(kept: pd.DataFrame, crawl_dir: Path, out: Path, workers: int) -> tupl
         raise UserError(f"perturb: {len(missing)} kept image(s) are no longer in the crawl shards (first: "
                         f"{first['key']} in {first['shard']}); re-run crawl, score and filter with --force")
     buffer = io.BytesIO()
-    np.savez(buffer, uid=kept["uid"].to_numpy().astype(str), mean=mean, std=std)
+    np.savez(buffer, uid=uids, mean=mean, std=std)
     atomic_write_bytes(path, buffer.getvalue())
     return mean, std
 
